@@ -7,4 +7,8 @@
 #![deny(missing_docs)]
 
 pub mod acpi;
+pub mod cpuid;
 pub mod layout;
+pub mod loader;
+pub mod params;
+pub mod regs;
