@@ -70,7 +70,7 @@ fn gdt(mode: EntryMode) -> [u64; 5] {
 
 /// The `kvm_segment` a GDT entry describes, for selector `sel`.
 fn segment(entry: u64, sel: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {

@@ -145,14 +145,28 @@ mod tests {
         bus.insert(scratch(2), 0x60, 2).unwrap();
         assert_eq!(
             bus.insert(scratch(4), 0x3fc, 4),
-            Err(BusError::Overlap { base: 0x3fc, len: 4, other: 0x3f8 })
+            Err(BusError::Overlap {
+                base: 0x3fc,
+                len: 4,
+                other: 0x3f8
+            })
         );
         assert_eq!(
             bus.insert(scratch(0x10), 0x3f0, 0x10),
-            Err(BusError::Overlap { base: 0x3f0, len: 0x10, other: 0x3f8 })
+            Err(BusError::Overlap {
+                base: 0x3f0,
+                len: 0x10,
+                other: 0x3f8
+            })
         );
-        assert_eq!(bus.insert(scratch(1), 0x10, 0), Err(BusError::EmptyRange(0x10)));
-        assert!(matches!(bus.insert(scratch(1), u64::MAX, 2), Err(BusError::Wraps { .. })));
+        assert_eq!(
+            bus.insert(scratch(1), 0x10, 0),
+            Err(BusError::EmptyRange(0x10))
+        );
+        assert!(matches!(
+            bus.insert(scratch(1), u64::MAX, 2),
+            Err(BusError::Wraps { .. })
+        ));
         assert!(bus.write(0x3fa, &[0xab, 0xcd]));
         let mut b = [0u8; 2];
         assert!(bus.read(0x3fa, &mut b));
@@ -164,7 +178,10 @@ mod tests {
         let mut bus = Bus::new();
         bus.insert(scratch(8), 0x3f8, 8).unwrap();
         let mut b = [0u8; 4];
-        assert!(!bus.read(0x3fe, &mut b), "a 4-byte read at 0x3fe crosses 0x400");
+        assert!(
+            !bus.read(0x3fe, &mut b),
+            "a 4-byte read at 0x3fe crosses 0x400"
+        );
         assert_eq!(b, [0xff; 4]);
         assert!(!bus.write(0x400, &[1]));
         assert!(!bus.read(0x10, &mut b[..1]));

@@ -1,0 +1,272 @@
+//! From a validated [`VmConfig`] to a running [`Vmm`]: guest memory, kernel, initrd, command
+//! line, ACPI tables, boot parameters, legacy devices on the buses, and the vCPU threads.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use boot::layout;
+use boot::loader::{self, EntryMode};
+use devices::bus::{Bus, BusError, SharedDevice};
+use devices::legacy;
+use devices::stop::StopNotifier;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{ConfigError, ConsoleConfig, VmConfig};
+use crate::runner::{ConsoleSink, Vmm};
+use crate::timeline::Timeline;
+use crate::vstate::vcpu::{self, BootEntry, VcpuShared};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Command-line limit for kernels that do not state one (x86 COMMAND_LINE_SIZE).
+const DEFAULT_CMDLINE_LIMIT: usize = 2048;
+
+/// Why a machine could not be built. Nothing has run in the guest when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// KVM or guest memory.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The kernel or initrd.
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    /// Boot parameters.
+    #[error(transparent)]
+    Params(#[from] boot::params::ParamsError),
+    /// Boot page tables and GDT.
+    #[error(transparent)]
+    Regs(#[from] boot::regs::RegsError),
+    /// ACPI tables.
+    #[error("cannot build the ACPI tables: {0}")]
+    Acpi(#[from] boot::acpi::AcpiError),
+    /// A vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// A device could not be placed.
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    /// The console file or another host resource.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being set up.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
+    let what = what.into();
+    move |source| BuildError::Io { what, source }
+}
+
+/// Where the serial console writes, and whether it reads the terminal.
+pub struct ConsoleIo {
+    /// The guest's serial output goes here.
+    pub output: Box<dyn Write + Send>,
+    /// Feed stdin to the guest.
+    pub read_stdin: bool,
+}
+
+impl ConsoleIo {
+    /// The console a configuration asks for.
+    pub fn from_config(c: &ConsoleConfig) -> Result<Self, BuildError> {
+        Ok(match c {
+            ConsoleConfig::Tty => Self {
+                output: Box::new(std::io::stdout()),
+                read_stdin: true,
+            },
+            ConsoleConfig::File(p) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(io_err(format!("cannot open console file {}", p.display())))?;
+                Self {
+                    output: Box::new(f),
+                    read_stdin: false,
+                }
+            }
+            ConsoleConfig::None => Self {
+                output: Box::new(std::io::sink()),
+                read_stdin: false,
+            },
+        })
+    }
+}
+
+fn shared<D: devices::bus::BusDevice + 'static>(d: D) -> Arc<Mutex<D>> {
+    Arc::new(Mutex::new(d))
+}
+
+fn irq_event() -> Result<EventFd, BuildError> {
+    EventFd::new(EFD_NONBLOCK).map_err(io_err("cannot create an interrupt eventfd"))
+}
+
+/// Builds the machine for `config` and starts its vCPUs.
+pub fn build(
+    config: &VmConfig,
+    timeline: Arc<Timeline>,
+    console: ConsoleIo,
+) -> Result<Vmm, BuildError> {
+    config.validate()?;
+    let mem_size = config.mem_bytes();
+    let vm = Vm::new(&boot::params::ram_ranges(mem_size))?;
+    let mem = &vm.memory;
+
+    let kernel = loader::load_kernel(mem, &config.kernel, config.pvh)?;
+    let (initrd_limit, cmdline_limit) = match &kernel.setup_header {
+        Some(h) => (
+            u64::from(h.initrd_addr_max),
+            if h.cmdline_size > 0 {
+                h.cmdline_size as usize + 1
+            } else {
+                DEFAULT_CMDLINE_LIMIT
+            },
+        ),
+        None => (u64::from(u32::MAX), DEFAULT_CMDLINE_LIMIT),
+    };
+    let initrd = match &config.initrd {
+        Some(p) => Some(loader::load_initrd(mem, p, kernel.end, initrd_limit)?),
+        None => None,
+    };
+    boot::params::write_cmdline(mem, &config.cmdline, cmdline_limit)?;
+    let rsdp = boot::acpi::create_acpi_tables(
+        mem,
+        &boot::acpi::AcpiConfig {
+            num_cpus: config.vcpus,
+            virtio_mmio_devices: Vec::new(),
+        },
+    )?;
+    let boot_info = match kernel.mode {
+        EntryMode::Linux64 => {
+            boot::params::write_zero_page(
+                mem,
+                kernel.setup_header,
+                config.cmdline.len(),
+                initrd,
+                Some(rsdp),
+                mem_size,
+            )?;
+            GuestAddress(layout::ZERO_PAGE_START)
+        }
+        EntryMode::Pvh => boot::params::write_pvh_start_info(mem, initrd, Some(rsdp), mem_size)?,
+    };
+    boot::regs::write_boot_tables(mem, kernel.mode)?;
+
+    // Devices.
+    let stop = StopNotifier::new().map_err(io_err("cannot create the stop eventfd"))?;
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+
+    let com1_irq = irq_event()?;
+    vm.fd
+        .register_irqfd(&com1_irq, layout::COM1_IRQ)
+        .map_err(|e| BuildError::Io {
+            what: "KVM_IRQFD for COM1".into(),
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    let serial = shared(
+        legacy::SerialDevice::new(
+            legacy::EventFdTrigger::from_event_fd(com1_irq),
+            console.output,
+        )
+        .map_err(io_err("cannot create the serial port"))?,
+    );
+    pio.insert(
+        serial.clone() as SharedDevice,
+        u64::from(layout::COM1_PORT),
+        legacy::SERIAL_LEN,
+    )?;
+
+    let kbd_irq = irq_event()?;
+    vm.fd
+        .register_irqfd(&kbd_irq, layout::I8042_IRQ)
+        .map_err(|e| BuildError::Io {
+            what: "KVM_IRQFD for the i8042".into(),
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    let i8042 = shared(legacy::I8042Device::new(
+        legacy::EventFdTrigger::from_event_fd(kbd_irq),
+        stop.clone(),
+    ));
+    pio.insert(
+        i8042 as SharedDevice,
+        u64::from(layout::I8042_PORT),
+        legacy::I8042_LEN,
+    )?;
+
+    let below_4g = mem_size.min(layout::MMIO32_START);
+    let cmos = shared(legacy::CmosDevice::new(below_4g, mem_size - below_4g));
+    pio.insert(
+        cmos as SharedDevice,
+        u64::from(layout::CMOS_PORT),
+        legacy::CMOS_LEN,
+    )?;
+    let exit = shared(legacy::ExitDevice::new(stop.clone()));
+    pio.insert(
+        exit as SharedDevice,
+        u64::from(layout::EXIT_PORT),
+        legacy::EXIT_DEVICE_LEN,
+    )?;
+    let pvpanic = shared(legacy::PvPanicDevice::new(stop.clone()));
+    pio.insert(
+        pvpanic as SharedDevice,
+        u64::from(layout::PVPANIC_PORT),
+        legacy::PVPANIC_LEN,
+    )?;
+    let acpi_pm = shared(legacy::AcpiPmDevice::new(stop.clone()));
+    let pm_port = u64::from(layout::ACPI_SLEEP_CONTROL_PORT);
+    pio.insert(acpi_pm as SharedDevice, pm_port, legacy::ACPI_PM_LEN)?;
+    let boot_timer =
+        legacy::BootTimer::with_completion(timeline.start(), timeline.boot_completion());
+    mmio.insert(
+        shared(boot_timer) as SharedDevice,
+        layout::BOOT_TIMER_START,
+        legacy::BOOT_TIMER_LEN,
+    )?;
+
+    // vCPUs.
+    vcpu::install_kick_handler().map_err(|e| BuildError::Io {
+        what: "cannot install the vCPU kick handler".into(),
+        source: e.into(),
+    })?;
+    let entry = BootEntry {
+        mode: kernel.mode,
+        entry: kernel.entry,
+        boot_info,
+    };
+    let fds = (0..config.vcpus)
+        .map(|id| vcpu::create_vcpu(&vm, id, config.vcpus, (id == 0).then_some(entry)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let shared_state = Arc::new(
+        VcpuShared::new(pio, mmio, vm.memory.clone(), stop, timeline)
+            .map_err(io_err("cannot create the vCPU stop eventfd"))?,
+    );
+    let mut threads = Vec::with_capacity(fds.len());
+    for (id, fd) in fds.into_iter().enumerate() {
+        let h = vcpu::spawn(fd, id as u8, shared_state.clone())
+            .map_err(io_err(format!("cannot start the thread of vCPU {id}")))?;
+        threads.push(h);
+    }
+
+    let console_input: Option<ConsoleSink> = console.read_stdin.then(|| {
+        let serial = serial.clone();
+        Box::new(move |bytes: &[u8]| {
+            serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(bytes)
+        }) as ConsoleSink
+    });
+    Ok(Vmm::new(
+        vm,
+        shared_state,
+        threads,
+        config.timeout,
+        console_input,
+    ))
+}

@@ -1,0 +1,215 @@
+//! `VmConfig`: the one description of a machine, built by the CLI (and later the API and the
+//! config file), and its one validation path.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Most vCPUs a machine may have.
+pub const MAX_VCPUS: u8 = 32;
+/// Kernel command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsoleConfig {
+    /// Standard output, with standard input as the guest's keyboard (raw mode on a TTY).
+    #[default]
+    Tty,
+    /// Appended to a file (created if missing); no input.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl std::str::FromStr for ConsoleConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tty" => Ok(Self::Tty),
+            "none" => Ok(Self::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(Self::File(PathBuf::from(p))),
+                _ => Err(format!("console '{s}': expected tty, file:PATH or none")),
+            },
+        }
+    }
+}
+
+/// A machine to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The kernel: an ELF vmlinux or a bzImage.
+    pub kernel: PathBuf,
+    /// An initrd/initramfs, if any.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line (device entries are appended to it).
+    pub cmdline: String,
+    /// Number of vCPUs, 1 to [`MAX_VCPUS`].
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Where the serial console goes.
+    pub console: ConsoleConfig,
+    /// Stop the guest after this long.
+    pub timeout: Option<Duration>,
+    /// Use an ELF kernel's PVH entry when it has one (32-bit entry; needs hardware
+    /// virtualization). Off: the 64-bit Linux entry.
+    pub pvh: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            vcpus: 1,
+            mem_mib: 256,
+            console: ConsoleConfig::Tty,
+            timeout: None,
+            pvh: false,
+        }
+    }
+}
+
+/// What is wrong with a configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// vCPU count out of range.
+    #[error("vcpu count {0} is out of range: a machine has 1 to {MAX_VCPUS} vCPUs")]
+    VcpuCount(u64),
+    /// Memory size zero.
+    #[error("memory size must be at least 1 MiB (got 0)")]
+    MemoryZero,
+    /// More memory than the host has.
+    #[error("memory size {asked} MiB is more than this host's {host} MiB of RAM")]
+    MemoryTooLarge {
+        /// What was asked.
+        asked: u64,
+        /// What the host has.
+        host: u64,
+    },
+    /// No kernel given.
+    #[error("no kernel given")]
+    NoKernel,
+    /// The kernel command line is too long.
+    #[error("kernel command line is {0} bytes; the limit is 65535")]
+    CmdlineTooLong(usize),
+    /// A zero timeout.
+    #[error("timeout must be more than 0 seconds")]
+    TimeoutZero,
+}
+
+/// The host's physical memory in MiB, from /proc/meminfo.
+pub fn host_memory_mib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+impl VmConfig {
+    /// Checks everything that can be checked without touching files or KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::VcpuCount(u64::from(self.vcpus)));
+        }
+        if self.mem_mib == 0 {
+            return Err(ConfigError::MemoryZero);
+        }
+        if let Some(host) = host_memory_mib() {
+            if self.mem_mib > host {
+                return Err(ConfigError::MemoryTooLarge {
+                    asked: self.mem_mib,
+                    host,
+                });
+            }
+        }
+        if self.kernel.as_os_str().is_empty() {
+            return Err(ConfigError::NoKernel);
+        }
+        if self.cmdline.len() >= 0xffff {
+            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        }
+        if self.timeout == Some(Duration::ZERO) {
+            return Err(ConfigError::TimeoutZero);
+        }
+        Ok(())
+    }
+
+    /// Guest memory in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> VmConfig {
+        VmConfig {
+            kernel: "/k".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        assert_eq!(ok().validate(), Ok(()));
+        for (c, e) in [
+            (VmConfig { vcpus: 0, ..ok() }, ConfigError::VcpuCount(0)),
+            (VmConfig { vcpus: 33, ..ok() }, ConfigError::VcpuCount(33)),
+            (VmConfig { mem_mib: 0, ..ok() }, ConfigError::MemoryZero),
+            (
+                VmConfig {
+                    kernel: "".into(),
+                    ..ok()
+                },
+                ConfigError::NoKernel,
+            ),
+            (
+                VmConfig {
+                    timeout: Some(Duration::ZERO),
+                    ..ok()
+                },
+                ConfigError::TimeoutZero,
+            ),
+        ] {
+            assert_eq!(c.validate(), Err(e));
+        }
+        let host = host_memory_mib().unwrap();
+        let e = VmConfig {
+            mem_mib: host + 1,
+            ..ok()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("more than this host's"), "{e}");
+        assert!(VmConfig { vcpus: 32, ..ok() }.validate().is_ok());
+    }
+
+    #[test]
+    fn console_spec_parses() {
+        assert_eq!("tty".parse(), Ok(ConsoleConfig::Tty));
+        assert_eq!("none".parse(), Ok(ConsoleConfig::None));
+        assert_eq!(
+            "file:/tmp/x".parse(),
+            Ok(ConsoleConfig::File("/tmp/x".into()))
+        );
+        assert!("file:".parse::<ConsoleConfig>().is_err());
+        assert!("serial".parse::<ConsoleConfig>().is_err());
+    }
+
+    #[test]
+    fn config_round_trips_through_json_and_rejects_unknown_fields() {
+        let c = ok();
+        let j = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&j).unwrap(), c);
+        assert!(serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","bogus":1}"#).is_err());
+    }
+}

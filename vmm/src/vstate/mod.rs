@@ -1,0 +1,5 @@
+//! KVM state: the VM (memory, interrupt controller, timer) and its vCPUs.
+
+pub mod fault;
+pub mod vcpu;
+pub mod vm;
