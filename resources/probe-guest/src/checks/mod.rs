@@ -1,0 +1,121 @@
+//! The checks the probe can run, and what they share.
+//!
+//! A check is a function that looks at the platform and writes its findings into a [`Report`]:
+//! details for the `ok` line, and problems that make it fail. `probe.tests=a,b,c` runs checks by
+//! name, in order, from [`REGISTRY`]. To add one (`blk`, `rng`, `net`, `vsock`, `pci`...): write
+//! `checks/NAME.rs` with `pub fn run(ctx: &Context<'_>, report: &mut Report)`, declare the module
+//! here and add a [`Check`] to the registry.
+
+use core::fmt::{self, Write};
+
+use crate::bootparams::{BootParams, CmdlineError};
+use crate::cmdline::Args;
+use crate::phys::PhysMem;
+use crate::text::Line;
+
+pub mod boot;
+
+/// What every check may look at.
+pub struct Context<'a> {
+    /// Physical address of the zero page.
+    pub zero_page: u64,
+    /// The zero page's fields.
+    pub boot_params: &'a BootParams,
+    /// The command line (without its NUL), or why it could not be read.
+    pub cmdline: Result<&'a [u8], CmdlineError>,
+    /// The probe's command-line settings.
+    pub args: &'a Args<'a>,
+    /// Guest memory, bounded by the e820 map.
+    pub mem: &'a PhysMem,
+}
+
+/// Capacity of a report's detail and problem texts.
+const REPORT_TEXT: usize = 1024;
+
+/// What a check found: details for the `ok` line, or the problems that made it fail.
+#[derive(Default)]
+pub struct Report {
+    details: Line<REPORT_TEXT>,
+    problems: Line<REPORT_TEXT>,
+}
+
+impl Report {
+    /// Adds a finding to the `ok` line (findings are separated by "; ").
+    pub fn detail(&mut self, args: fmt::Arguments<'_>) {
+        append(&mut self.details, args);
+    }
+
+    /// Records a problem: the check fails (problems are separated by "; ").
+    pub fn fail(&mut self, args: fmt::Arguments<'_>) {
+        append(&mut self.problems, args);
+    }
+
+    /// Whether any problem was recorded.
+    pub fn failed(&self) -> bool {
+        !self.problems.is_empty()
+    }
+
+    /// The details, for the `ok` line.
+    pub fn details(&self) -> &Line<REPORT_TEXT> {
+        &self.details
+    }
+
+    /// The problems, for the `FAIL` line.
+    pub fn problems(&self) -> &Line<REPORT_TEXT> {
+        &self.problems
+    }
+}
+
+fn append(line: &mut Line<REPORT_TEXT>, args: fmt::Arguments<'_>) {
+    // Line's write_str never fails (it truncates).
+    if !line.is_empty() {
+        let _ = line.write_str("; ");
+    }
+    let _ = line.write_fmt(args);
+}
+
+/// A check the probe can run.
+pub struct Check {
+    /// Its name in `probe.tests`.
+    pub name: &'static str,
+    /// Runs it.
+    pub run: fn(&Context<'_>, &mut Report),
+}
+
+/// Every check, by name.
+pub const REGISTRY: &[Check] = &[Check {
+    name: "boot",
+    run: boot::run,
+}];
+
+/// The check called `name`.
+pub fn find(name: &[u8]) -> Option<&'static Check> {
+    REGISTRY.iter().find(|c| c.name.as_bytes() == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::ToString;
+
+    #[test]
+    fn registry_names_are_unique_and_findable() {
+        for (i, check) in REGISTRY.iter().enumerate() {
+            assert!(REGISTRY[..i].iter().all(|c| c.name != check.name));
+            assert!(find(check.name.as_bytes()).is_some());
+        }
+        assert!(find(b"bogus").is_none());
+    }
+
+    #[test]
+    fn report_joins_findings() {
+        let mut r = Report::default();
+        r.detail(format_args!("a {}", 1));
+        r.detail(format_args!("b"));
+        assert!(!r.failed());
+        assert_eq!(r.details().to_string(), "a 1; b");
+        r.fail(format_args!("x"));
+        assert!(r.failed());
+        assert_eq!(r.problems().to_string(), "x");
+    }
+}

@@ -1,0 +1,157 @@
+//! The probe's command-line keys.
+//!
+//! The command line is space-separated words; a word `key=value` sets `key` (the last one wins,
+//! as in Linux). Keys the probe reads:
+//! - `probe.tests=a,b,c`: the checks to run, in order;
+//! - `probe.exit=N` (0..=255) or `probe.exit=reset`: how to end, whatever the results;
+//! - `probe.mem=MiB`, `probe.cpus=N`: expected memory size and CPU count for the boot check.
+//!
+//! Other words are ignored, except unknown `probe.*` keys, which the caller reports.
+
+use crate::exit::Ending;
+
+/// A parsed value, or the raw value that did not parse.
+pub type Setting<'a, T> = Option<Result<T, &'a [u8]>>;
+
+/// The probe's settings from the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Args<'a> {
+    /// `probe.tests`: the raw comma-separated list.
+    pub tests: Option<&'a [u8]>,
+    /// `probe.exit`.
+    pub exit: Setting<'a, Ending>,
+    /// `probe.mem`, in MiB.
+    pub mem_mib: Setting<'a, u64>,
+    /// `probe.cpus`.
+    pub cpus: Setting<'a, u32>,
+}
+
+/// Keys the probe knows.
+const KNOWN_KEYS: [&[u8]; 4] = [b"probe.tests", b"probe.exit", b"probe.mem", b"probe.cpus"];
+
+/// The command line's words.
+pub fn words(cmdline: &[u8]) -> impl Iterator<Item = &[u8]> {
+    cmdline
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+}
+
+/// Splits a word into key and value (`None` when it has no `=`).
+fn key_value(word: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match word.iter().position(|&b| b == b'=') {
+        Some(i) => (&word[..i], Some(&word[i + 1..])),
+        None => (word, None),
+    }
+}
+
+/// Parses a decimal number (digits only, no sign, no overflow).
+pub fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    s.iter().try_fold(0u64, |acc, &b| {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+    })
+}
+
+impl<'a> Args<'a> {
+    /// Parses the probe's keys out of `cmdline`.
+    pub fn parse(cmdline: &'a [u8]) -> Self {
+        let mut args = Self::default();
+        for word in words(cmdline) {
+            let (key, value) = key_value(word);
+            let raw = value.unwrap_or(b"");
+            match key {
+                b"probe.tests" => args.tests = Some(raw),
+                b"probe.exit" => {
+                    args.exit = Some(match raw {
+                        b"reset" => Ok(Ending::Reset),
+                        _ => parse_decimal(raw)
+                            .and_then(|n| u8::try_from(n).ok())
+                            .map(Ending::Status)
+                            .ok_or(raw),
+                    })
+                }
+                b"probe.mem" => args.mem_mib = Some(parse_decimal(raw).ok_or(raw)),
+                b"probe.cpus" => {
+                    args.cpus = Some(
+                        parse_decimal(raw)
+                            .and_then(|n| u32::try_from(n).ok())
+                            .ok_or(raw),
+                    )
+                }
+                _ => {}
+            }
+        }
+        args
+    }
+}
+
+/// The `probe.*` keys in `cmdline` that the probe does not know.
+pub fn unknown_probe_keys(cmdline: &[u8]) -> impl Iterator<Item = &[u8]> {
+    words(cmdline)
+        .map(|w| key_value(w).0)
+        .filter(|k| k.starts_with(b"probe.") && !KNOWN_KEYS.contains(k))
+}
+
+/// The names in a `probe.tests` list (empty items skipped).
+pub fn test_names(list: &[u8]) -> impl Iterator<Item = &[u8]> {
+    list.split(|&b| b == b',').filter(|n| !n.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec::Vec;
+
+    #[test]
+    fn parses_probe_keys() {
+        let line = b"console=ttyS0  probe.tests=boot,blk probe.mem=256\tprobe.cpus=2 probe.exit=7";
+        let args = Args::parse(line);
+        assert_eq!(args.tests, Some(&b"boot,blk"[..]));
+        assert_eq!(args.mem_mib, Some(Ok(256)));
+        assert_eq!(args.cpus, Some(Ok(2)));
+        assert_eq!(args.exit, Some(Ok(Ending::Status(7))));
+        let names: Vec<&[u8]> = test_names(args.tests.unwrap_or_default()).collect();
+        assert_eq!(names, [&b"boot"[..], &b"blk"[..]]);
+    }
+
+    #[test]
+    fn exit_values() {
+        assert_eq!(
+            Args::parse(b"probe.exit=reset").exit,
+            Some(Ok(Ending::Reset))
+        );
+        assert_eq!(
+            Args::parse(b"probe.exit=255").exit,
+            Some(Ok(Ending::Status(255)))
+        );
+        assert_eq!(Args::parse(b"probe.exit=256").exit, Some(Err(&b"256"[..])));
+        assert_eq!(Args::parse(b"probe.exit=-1").exit, Some(Err(&b"-1"[..])));
+        assert_eq!(Args::parse(b"probe.exit").exit, Some(Err(&b""[..])));
+        assert_eq!(Args::parse(b"").exit, None);
+    }
+
+    #[test]
+    fn last_value_wins_and_bad_numbers_are_kept_raw() {
+        let args = Args::parse(b"probe.mem=1 probe.mem=x2 probe.cpus=99999999999");
+        assert_eq!(args.mem_mib, Some(Err(&b"x2"[..])));
+        assert_eq!(args.cpus, Some(Err(&b"99999999999"[..])));
+        assert_eq!(parse_decimal(b"18446744073709551616"), None);
+        assert_eq!(parse_decimal(b"18446744073709551615"), Some(u64::MAX));
+    }
+
+    #[test]
+    fn unknown_keys_and_empty_names() {
+        let line = b"probe.tests=,boot,, probe.bogus=1 probe. quiet probe.tests";
+        let unknown: Vec<&[u8]> = unknown_probe_keys(line).collect();
+        assert_eq!(unknown, [&b"probe.bogus"[..], &b"probe."[..]]);
+        let names: Vec<&[u8]> = test_names(b",boot,,").collect();
+        assert_eq!(names, [&b"boot"[..]]);
+        // A bare `probe.tests` (no '=') means an empty list.
+        assert_eq!(Args::parse(line).tests, Some(&b""[..]));
+    }
+}

@@ -1,0 +1,35 @@
+//! x86 port I/O, used from ring 3 (the start code grants IOPL 3).
+//!
+//! Only the device modules call these (`serial`, `cmos`, `exit`); each wraps the ports of one
+//! legacy device in safe functions.
+//!
+//! Keep to the register forms (`in al, dx` / `out dx, al`, and the 16/32-bit `dx` forms): where
+//! ring 3 cannot do port I/O (PVM), the start code's #GP handler emulates exactly these.
+
+use core::arch::asm;
+
+/// Writes `value` to I/O port `port`.
+///
+/// # Safety
+/// The write must not make a device change memory that Rust code relies on (for example, start a
+/// DMA transfer into it). Port writes to COM1, the CMOS RTC, the exit device and the i8042 are
+/// always fine.
+pub unsafe fn outb(port: u16, value: u8) {
+    // SAFETY: `out` touches no memory; the caller vouches for the device-side effect.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// Reads a byte from I/O port `port`.
+///
+/// # Safety
+/// As for [`outb`]: reads can have side effects on a device (a UART's receive buffer).
+pub unsafe fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: `in` touches no memory; the caller vouches for the device-side effect.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    };
+    value
+}

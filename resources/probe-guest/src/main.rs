@@ -1,0 +1,153 @@
+//! The cgvm probe guest: a bare-metal program that a VMM loads like a Linux ELF vmlinux. It
+//! checks what the VMM built (zero page, command line, e820, CMOS, ACPI, devices), prints one
+//! line per check on COM1 and ends the run with a verdict through the exit device.
+//!
+//! Where things live:
+//! - `start`: ring 0. The ELF entry, the GDT/TSS/IDT and page tables, the exception stubs, and
+//!   the `iretq` to ring 3 where everything else runs (see README.md for why);
+//! - `main` (this file): `probe_main`, the ring-3 entry: reads the zero page and the command
+//!   line, runs the requested checks, prints the summary, ends the run; the panic handler;
+//! - `checks`: the check registry and the checks (`checks::boot`, ...);
+//! - `bootparams`, `cmdline`, `acpi`: parsing what the VMM provides (pure, unit-tested);
+//! - `phys`: bounds-checked reads of guest memory;
+//! - `serial`, `cmos`, `boottimer`, `exit`, `io`: the devices, by port or MMIO;
+//! - `text`: formatting without allocation; `rt`: `memcpy` & co. for the linker.
+//!
+//! `cargo test` (via `build.sh --test`) builds the crate for the host with std, without the
+//! ring-0 code and the runtime symbols, to unit-test the parsers.
+
+#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(test), no_main)]
+#![cfg_attr(test, allow(dead_code))]
+
+mod acpi;
+mod bootparams;
+mod boottimer;
+mod checks;
+mod cmdline;
+mod cmos;
+mod exit;
+mod io;
+mod phys;
+#[cfg(not(test))]
+mod rt;
+mod serial;
+#[cfg(not(test))]
+mod start;
+mod text;
+
+use bootparams::BootParams;
+use checks::{Context, Report};
+use cmdline::Args;
+use exit::Ending;
+use phys::PhysMem;
+use text::Escaped;
+
+/// The probe's command-line buffer; a longer command line fails the boot check.
+const CMDLINE_CAPACITY: usize = 4096;
+
+/// Ring-3 entry, called (by `iretq`) from the start code with the zero page's address.
+extern "C" fn probe_main(zero_page: u64) -> ! {
+    serial::init();
+    exit::end(run(zero_page))
+}
+
+/// Runs the requested checks and says how to end.
+fn run(zero_page: u64) -> Ending {
+    let boot_params = match BootParams::read(&PhysMem::bootstrap(), zero_page) {
+        Ok(bp) => bp,
+        Err(e) => {
+            println!("probe: started (cmdline: unreadable)");
+            println!("probe: FAIL zero page at 0x{zero_page:x}: {e}");
+            println!("probe: 0 passed, 1 failed");
+            return Ending::Status(1);
+        }
+    };
+    let mem = PhysMem::from_ranges(boot_params.e820_table().iter().map(|e| (e.addr, e.size)));
+    let mut cmdline_buf = [0u8; CMDLINE_CAPACITY];
+    let cmdline = bootparams::read_cmdline(&mem, &boot_params, &mut cmdline_buf);
+    let cmdline_bytes: &[u8] = match &cmdline {
+        Ok(c) => {
+            println!("probe: started (cmdline: {})", Escaped(c));
+            c
+        }
+        Err(e) => {
+            println!("probe: started (cmdline: unreadable: {e})");
+            b""
+        }
+    };
+    let args = Args::parse(cmdline_bytes);
+    let ctx = Context {
+        zero_page,
+        boot_params: &boot_params,
+        cmdline,
+        args: &args,
+        mem: &mem,
+    };
+
+    let mut passed = 0u32;
+    let mut failed = 0u32;
+    for key in cmdline::unknown_probe_keys(cmdline_bytes) {
+        println!("probe: warning: unknown key {} ignored", Escaped(key));
+    }
+    if let Some(Err(raw)) = args.exit {
+        println!(
+            "probe: FAIL probe.exit={}: expected 0..255 or reset",
+            Escaped(raw)
+        );
+        failed += 1;
+    }
+    match args.tests {
+        None => {
+            println!("probe: FAIL no checks requested (no probe.tests= on the command line)");
+            failed += 1;
+        }
+        Some(list) => {
+            for name in cmdline::test_names(list) {
+                if run_check(&ctx, name) {
+                    passed += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+        }
+    }
+    println!("probe: {passed} passed, {failed} failed");
+
+    match args.exit {
+        Some(Ok(ending)) => ending,
+        _ => Ending::Status(u8::from(failed != 0)),
+    }
+}
+
+/// Runs the check called `name` and prints its line; true if it passed.
+fn run_check(ctx: &Context<'_>, name: &[u8]) -> bool {
+    let Some(check) = checks::find(name) else {
+        println!("probe: {} FAIL unknown check", Escaped(name));
+        return false;
+    };
+    let mut report = Report::default();
+    (check.run)(ctx, &mut report);
+    if report.failed() {
+        println!("probe: {} FAIL {}", check.name, report.problems());
+        false
+    } else {
+        println!("probe: {} ok ({})", check.name, report.details());
+        true
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    match info.location() {
+        Some(loc) => println!(
+            "probe: FAIL panic at {}:{}: {}",
+            loc.file(),
+            loc.line(),
+            info.message()
+        ),
+        None => println!("probe: FAIL panic: {}", info.message()),
+    }
+    exit::end(Ending::Status(1))
+}
