@@ -1,1 +1,159 @@
-fn main() {}
+//! `cgvm`: the command line. Parses arguments into a `VmConfig`, runs the machine, and turns
+//! the outcome into the process exit status. Everything else lives in the `vmm` crate.
+
+mod doctor;
+mod logger;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use vmm::builder::{build, ConsoleIo};
+use vmm::config::{ConsoleConfig, VmConfig, DEFAULT_CMDLINE};
+use vmm::outcome::EXIT_VMM_ERROR;
+use vmm::timeline::{monotonic_ns, Timeline};
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0      the guest powered off (ACPI) or reset (i8042, ACPI reset register)
+  V      the guest wrote the byte V to the exit device (I/O port 0xf4)
+  120    the guest kernel panicked (pvpanic)
+  121    a vCPU stopped in a way cgvm cannot continue: triple fault, KVM internal or
+         emulation error (the message names the exit, the vCPU, RIP and instruction bytes)
+  124    --timeout expired
+  125    cgvm failed before or while starting the guest (bad option, kernel, memory, KVM)
+  130    you quit from the console with Ctrl-A x
+  128+N  cgvm was stopped by signal N
+
+Console: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A to the guest.";
+
+/// A minimal, hardened KVM virtual machine monitor.
+#[derive(Parser)]
+#[command(name = "cgvm", version, about)]
+struct Cli {
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, global = true, default_value = "warn", value_parser = parse_level)]
+    log_level: log::LevelFilter,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel; the exit status is the guest's verdict.
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Run(RunArgs),
+    /// Tell whether this host can run microVMs, and boot the built-in probe guest.
+    Doctor,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Kernel image: an ELF vmlinux or a bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk (initramfs).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8))]
+    cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Serial console: tty (this terminal), file:PATH, or none.
+    #[arg(long, default_value = "tty")]
+    console: ConsoleConfig,
+    /// Stop the guest after this many seconds (exit status 124).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Print when the VMM started, the guest first ran, boot completed and the guest stopped.
+    #[arg(long)]
+    timeline: bool,
+    /// Enter an ELF kernel through its PVH entry point when it has one.
+    #[arg(long)]
+    pvh: bool,
+}
+
+impl RunArgs {
+    fn to_config(&self) -> Result<VmConfig, String> {
+        let timeout = match self.timeout {
+            Some(t) if !(t > 0.0 && t.is_finite() && t < 1e9) => {
+                return Err(format!(
+                    "--timeout {t}: must be a number of seconds above 0"
+                ));
+            }
+            Some(t) => Some(Duration::from_secs_f64(t)),
+            None => None,
+        };
+        Ok(VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            vcpus: self.cpus,
+            mem_mib: self.memory,
+            console: self.console.clone(),
+            timeout,
+            pvh: self.pvh,
+        })
+    }
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse()
+        .map_err(|_| format!("'{s}': expected off, error, warn, info, debug or trace"))
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let start_ns = monotonic_ns();
+    let cli = Cli::parse();
+    logger::init(cli.log_level);
+    if let Err(e) = vmm::runner::block_exit_signals() {
+        eprintln!("cgvm: error: cannot block signals: {e}");
+        return ExitCode::from(EXIT_VMM_ERROR as u8);
+    }
+    let code = match cli.command {
+        Command::Run(args) => run(&args, Arc::new(Timeline::starting_at(start, start_ns))),
+        Command::Doctor => doctor::run(),
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+fn run(args: &RunArgs, timeline: Arc<Timeline>) -> i32 {
+    let config = match args.to_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cgvm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let result = ConsoleIo::from_config(&config.console).and_then(|console| {
+        let read_stdin = console.read_stdin;
+        build(&config, timeline.clone(), console).map(|vmm| (vmm, read_stdin))
+    });
+    let (vmm, read_stdin) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("cgvm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let raw = if read_stdin {
+        vmm::console::RawTerminal::enter()
+    } else {
+        None
+    };
+    let outcome = vmm.run();
+    drop(raw);
+    eprintln!("cgvm: {outcome}");
+    if args.timeline {
+        eprint!("{}", timeline.render());
+    }
+    outcome.exit_code()
+}
