@@ -1,1 +1,614 @@
-fn main() {}
+//! Boot benchmark: how fast the VMM starts a guest, how long a whole run takes and how much
+//! memory the VMM process uses.
+//!
+//! ```text
+//! cargo bench --bench boot -- [--runs N] [--vmm PATH] [--kernel PATH] [--cmdline STR]
+//!                             [--cpus N] [--memory MIB] [--extra-args "ARGS"] [--verbose]
+//! ```
+//!
+//! Each run spawns `VMM run --kernel K --cmdline C --cpus N --memory M --console none
+//! --timeout 30 --timeline [EXTRA ARGS]`. The benchmark reads CLOCK_MONOTONIC just before the
+//! spawn and when `wait4` returns; the VMM prints its own CLOCK_MONOTONIC events on stderr in
+//! the line `cgvm: timeline-monotonic-ns vmm-start=N first-instruction=N boot-complete=N
+//! guest-stop=N` (`-` for an event that did not happen); `wait4` gives the VMM's peak RSS.
+//! Figures are printed as the median and the 90th percentile (nearest rank) over the runs that
+//! have them. A run whose VMM exits with a non-zero status is reported, and the benchmark then
+//! exits with status 1, after printing the figures.
+//!
+//! Without `--kernel` the probe guest is built with `resources/probe-guest/build.sh` into a
+//! temporary directory.
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::{env, fs, io, thread};
+
+type Result<T> = std::result::Result<T, String>;
+
+const USAGE: &str = "\
+usage: cargo bench --bench boot -- [OPTIONS]
+  --runs N            runs to measure (default 20, at least 1)
+  --vmm PATH          the VMM binary (default: the cgvm that cargo built for this benchmark)
+  --kernel PATH       the guest kernel (default: build the probe guest with
+                      resources/probe-guest/build.sh)
+  --cmdline STR       the guest command line (default \"probe.tests=boot\")
+  --cpus N            vCPUs (default 2)
+  --memory MIB        guest memory in MiB (default 256)
+  --extra-args ARGS   more VMM arguments, split at white space (e.g. \"--initrd initramfs.cpio.gz\")
+  --verbose           print every run's figures
+  --help              this text";
+
+/// The VMM's own time limit for one run, in seconds.
+const RUN_TIMEOUT_S: u32 = 30;
+/// How many lines of a failed run's stderr are shown.
+const STDERR_TAIL_LINES: usize = 5;
+/// The stderr line with the VMM's timeline in CLOCK_MONOTONIC nanoseconds.
+const TIMELINE_PREFIX: &str = "cgvm: timeline-monotonic-ns ";
+
+// --- options ------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Options {
+    runs: usize,
+    vmm: PathBuf,
+    kernel: Option<PathBuf>,
+    cmdline: String,
+    cpus: u32,
+    memory_mib: u64,
+    extra_args: Vec<String>,
+    verbose: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            runs: 20,
+            vmm: PathBuf::from(env!("CARGO_BIN_EXE_cgvm")),
+            kernel: None,
+            cmdline: "probe.tests=boot".to_string(),
+            cpus: 2,
+            memory_mib: 256,
+            extra_args: Vec::new(),
+            verbose: false,
+        }
+    }
+}
+
+/// What the command line asks for.
+enum Request {
+    Run(Options),
+    Help,
+}
+
+fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request> {
+    let mut opts = Options::default();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let arg = arg
+            .into_string()
+            .map_err(|a| format!("argument {a:?} is not UTF-8"))?;
+        let mut value = || -> Result<String> {
+            args.next()
+                .ok_or_else(|| format!("{arg} needs a value"))?
+                .into_string()
+                .map_err(|v| format!("the value of {arg}, {v:?}, is not UTF-8"))
+        };
+        match arg.as_str() {
+            "--runs" => opts.runs = parse_number(&arg, &value()?)?,
+            "--vmm" => opts.vmm = PathBuf::from(value()?),
+            "--kernel" => opts.kernel = Some(PathBuf::from(value()?)),
+            "--cmdline" => opts.cmdline = value()?,
+            "--cpus" => opts.cpus = parse_number(&arg, &value()?)?,
+            "--memory" => opts.memory_mib = parse_number(&arg, &value()?)?,
+            "--extra-args" => {
+                let extra = value()?;
+                opts.extra_args
+                    .extend(extra.split_whitespace().map(str::to_string));
+            }
+            "--verbose" | "-v" => opts.verbose = true,
+            "--help" | "-h" => return Ok(Request::Help),
+            // `cargo bench` passes --bench to benchmarks without a harness.
+            "--bench" => {}
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    if opts.runs == 0 {
+        return Err("--runs must be at least 1".to_string());
+    }
+    Ok(Request::Run(opts))
+}
+
+fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T> {
+    value
+        .parse()
+        .map_err(|_| format!("{option} wants a number, not {value:?}"))
+}
+
+// --- the guest kernel ---------------------------------------------------------------------------
+
+/// A directory removed (best effort) when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self> {
+        let path = env::temp_dir().join(format!("cgvm-boot-bench.{}", std::process::id()));
+        fs::create_dir_all(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Builds the probe guest into `dir` and returns the ELF's path.
+fn build_probe_guest(dir: &Path) -> Result<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/probe-guest/build.sh");
+    if !script.is_file() {
+        return Err(format!(
+            "{} does not exist (yet): pass the guest with --kernel PATH",
+            script.display()
+        ));
+    }
+    let elf = dir.join("probe.elf");
+    eprintln!(
+        "boot bench: building the probe guest with {}",
+        script.display()
+    );
+    let status = Command::new(&script)
+        .arg(&elf)
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !status.success() {
+        return Err(format!("{} failed ({status})", script.display()));
+    }
+    if !elf.is_file() {
+        return Err(format!("{} made no {}", script.display(), elf.display()));
+    }
+    Ok(elf)
+}
+
+// --- one run ------------------------------------------------------------------------------------
+
+/// The VMM's events, CLOCK_MONOTONIC nanoseconds; `None`: the event did not happen.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Timeline {
+    vmm_start: Option<u64>,
+    first_instruction: Option<u64>,
+    boot_complete: Option<u64>,
+    guest_stop: Option<u64>,
+}
+
+/// What one run of the VMM gave.
+#[derive(Debug)]
+struct Run {
+    status: ExitStatus,
+    /// CLOCK_MONOTONIC ns just before the spawn and when wait4 returned.
+    spawn_ns: u64,
+    exit_ns: u64,
+    /// ru_maxrss of the VMM process, KiB.
+    max_rss_kib: u64,
+    /// `None` when stderr had no (readable) timeline line.
+    timeline: Option<Timeline>,
+    stderr: String,
+}
+
+/// The arguments of `cgvm run` for one boot.
+fn cgvm_args(opts: &Options, kernel: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["run".into(), "--kernel".into(), kernel.into()];
+    for (flag, value) in [
+        ("--cmdline", opts.cmdline.clone()),
+        ("--cpus", opts.cpus.to_string()),
+        ("--memory", opts.memory_mib.to_string()),
+        ("--console", "none".to_string()),
+        ("--timeout", RUN_TIMEOUT_S.to_string()),
+    ] {
+        args.push(flag.into());
+        args.push(value.into());
+    }
+    args.push("--timeline".into());
+    args.extend(opts.extra_args.iter().map(OsString::from));
+    args
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (the clock of the VMM's timeline line).
+fn monotonic_ns() -> Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec we pass, which is valid and writable.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return Err(format!("clock_gettime: {}", io::Error::last_os_error()));
+    }
+    let secs = u64::try_from(ts.tv_sec).map_err(|_| "clock_gettime: negative time")?;
+    let nanos = u64::try_from(ts.tv_nsec).map_err(|_| "clock_gettime: negative time")?;
+    Ok(secs * 1_000_000_000 + nanos)
+}
+
+/// Waits for the child `pid` with wait4: its exit status and resource usage.
+fn wait_for(pid: u32) -> Result<(ExitStatus, libc::rusage)> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is a C struct of integers, for which all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: `pid` is our child, not waited for yet (std's Child never waits on drop);
+        // `status` and `usage` are valid and writable for the whole call.
+        let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if waited == pid {
+            return Ok((ExitStatus::from_raw(status), usage));
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(format!("wait4 on the VMM (pid {pid}): {err}"));
+        }
+    }
+}
+
+/// Runs the VMM once with `args` and measures it.
+fn run_once(vmm: &Path, args: &[OsString]) -> Result<Run> {
+    let mut command = Command::new(vmm);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let spawn_ns = monotonic_ns()?;
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", vmm.display()))?;
+    let mut stderr_pipe = child.stderr.take().ok_or("the VMM has no stderr pipe")?;
+    // Drained on a thread, so that a chatty VMM never blocks on a full pipe while we wait.
+    let reader = thread::spawn(move || -> io::Result<String> {
+        let mut bytes = Vec::new();
+        stderr_pipe.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    });
+    let (status, usage) = wait_for(child.id())?;
+    let exit_ns = monotonic_ns()?;
+    let stderr = reader
+        .join()
+        .map_err(|_| "the stderr reader panicked".to_string())?
+        .map_err(|e| format!("reading the VMM's stderr: {e}"))?;
+    Ok(Run {
+        status,
+        spawn_ns,
+        exit_ns,
+        max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+        timeline: parse_timeline(&stderr),
+        stderr,
+    })
+}
+
+/// Finds and parses the timeline line in the VMM's stderr.
+fn parse_timeline(stderr: &str) -> Option<Timeline> {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix(TIMELINE_PREFIX))?;
+    let mut timeline = Timeline::default();
+    for field in line.split_whitespace() {
+        let (key, value) = field.split_once('=')?;
+        let value = match value {
+            "-" => None,
+            v => Some(v.parse::<u64>().ok()?),
+        };
+        match key {
+            "vmm-start" => timeline.vmm_start = value,
+            "first-instruction" => timeline.first_instruction = value,
+            "boot-complete" => timeline.boot_complete = value,
+            "guest-stop" => timeline.guest_stop = value,
+            _ => {} // a newer VMM's event: not measured here
+        }
+    }
+    Some(timeline)
+}
+
+// --- figures ------------------------------------------------------------------------------------
+
+/// Milliseconds from `from` to `to` (CLOCK_MONOTONIC ns).
+fn ms_between(from: u64, to: u64) -> f64 {
+    (to as f64 - from as f64) / 1e6
+}
+
+fn start_to_first_instruction_ms(run: &Run) -> Option<f64> {
+    let first = run.timeline?.first_instruction?;
+    Some(ms_between(run.spawn_ns, first))
+}
+
+fn start_to_exit_ms(run: &Run) -> Option<f64> {
+    Some(ms_between(run.spawn_ns, run.exit_ns))
+}
+
+fn peak_rss_mib(run: &Run) -> Option<f64> {
+    Some(run.max_rss_kib as f64 / 1024.0)
+}
+
+fn start_to_vmm_start_ms(run: &Run) -> Option<f64> {
+    let vmm_start = run.timeline?.vmm_start?;
+    Some(ms_between(run.spawn_ns, vmm_start))
+}
+
+fn vmm_start_to_first_instruction_ms(run: &Run) -> Option<f64> {
+    let timeline = run.timeline?;
+    Some(ms_between(timeline.vmm_start?, timeline.first_instruction?))
+}
+
+fn start_to_boot_complete_ms(run: &Run) -> Option<f64> {
+    let complete = run.timeline?.boot_complete?;
+    Some(ms_between(run.spawn_ns, complete))
+}
+
+#[derive(Clone, Copy)]
+enum Unit {
+    Ms,
+    MiB,
+}
+
+impl Unit {
+    fn format(self, value: f64) -> String {
+        match self {
+            Unit::Ms => format!("{value:8.2} ms"),
+            Unit::MiB => format!("{value:7.1} MiB"),
+        }
+    }
+}
+
+struct Figure {
+    label: &'static str,
+    unit: Unit,
+    of: fn(&Run) -> Option<f64>,
+    /// Printed even when no run has it (as "-").
+    always: bool,
+}
+
+const FIGURES: &[Figure] = &[
+    Figure {
+        label: "process start -> first instruction",
+        unit: Unit::Ms,
+        of: start_to_first_instruction_ms,
+        always: true,
+    },
+    Figure {
+        label: "process start -> exit",
+        unit: Unit::Ms,
+        of: start_to_exit_ms,
+        always: true,
+    },
+    Figure {
+        label: "peak RSS",
+        unit: Unit::MiB,
+        of: peak_rss_mib,
+        always: true,
+    },
+    Figure {
+        label: "process start -> vmm start",
+        unit: Unit::Ms,
+        of: start_to_vmm_start_ms,
+        always: false,
+    },
+    Figure {
+        label: "vmm start -> first instruction",
+        unit: Unit::Ms,
+        of: vmm_start_to_first_instruction_ms,
+        always: false,
+    },
+    Figure {
+        label: "process start -> boot complete",
+        unit: Unit::Ms,
+        of: start_to_boot_complete_ms,
+        always: false,
+    },
+];
+
+// --- statistics ---------------------------------------------------------------------------------
+
+/// The median of sorted values (the mean of the middle two for an even count).
+fn median(sorted: &[f64]) -> Option<f64> {
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
+/// The p-th percentile (0 < p <= 100) of sorted values by the nearest-rank method: the smallest
+/// value that at least p % of the values are less than or equal to.
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
+}
+
+struct Summary {
+    median: f64,
+    p90: f64,
+    /// How many runs had the figure.
+    count: usize,
+}
+
+fn summarize(mut values: Vec<f64>) -> Option<Summary> {
+    values.sort_by(f64::total_cmp);
+    Some(Summary {
+        median: median(&values)?,
+        p90: percentile(&values, 90.0)?,
+        count: values.len(),
+    })
+}
+
+// --- report -------------------------------------------------------------------------------------
+
+fn report(opts: &Options, kernel: &Path, runs: &[Run]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "cgvm boot benchmark: {} run{} of {}, kernel {}, {} vCPU{}, {} MiB",
+        runs.len(),
+        plural(runs.len()),
+        opts.vmm.display(),
+        kernel.display(),
+        opts.cpus,
+        plural(opts.cpus as usize),
+        opts.memory_mib
+    );
+    let _ = writeln!(out, "guest command line: {:?}", opts.cmdline);
+    if !opts.extra_args.is_empty() {
+        let _ = writeln!(out, "extra VMM arguments: {}", opts.extra_args.join(" "));
+    }
+    let _ = writeln!(out, "{:36} {:>11} {:>11}", "", "median", "p90");
+    for figure in FIGURES {
+        let values: Vec<f64> = runs.iter().filter_map(figure.of).collect();
+        match summarize(values) {
+            Some(s) => {
+                let note = if s.count < runs.len() {
+                    format!("  ({} of {} runs)", s.count, runs.len())
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(
+                    out,
+                    "{:36} {} {}{note}",
+                    figure.label,
+                    figure.unit.format(s.median),
+                    figure.unit.format(s.p90)
+                );
+            }
+            None if figure.always => {
+                let _ = writeln!(
+                    out,
+                    "{:36} {:>11} {:>11}  (no run had it)",
+                    figure.label, "-", "-"
+                );
+            }
+            None => {}
+        }
+    }
+    report_problems(&mut out, runs);
+    out
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn report_problems(out: &mut String, runs: &[Run]) {
+    let failed = runs.iter().filter(|r| !r.status.success()).count();
+    if failed > 0 {
+        let _ = writeln!(out, "failed runs: {failed} of {}", runs.len());
+    }
+    for (i, run) in runs.iter().enumerate() {
+        let success = run.status.success();
+        if success && run.timeline.is_some() {
+            continue;
+        }
+        let what = if success {
+            "exit status 0".to_string()
+        } else {
+            describe_status(run.status)
+        };
+        let timeline = if run.timeline.is_none() {
+            ", no timeline line on stderr (does the VMM support --timeline?)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "run {}: {what}{timeline}", i + 1);
+        for line in stderr_tail(&run.stderr) {
+            let _ = writeln!(out, "    {line}");
+        }
+    }
+}
+
+fn describe_status(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => format!("{status}"),
+    }
+}
+
+/// The last lines of a run's stderr, without the timeline lines.
+fn stderr_tail(stderr: &str) -> Vec<&str> {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("cgvm: timeline"))
+        .collect();
+    lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].to_vec()
+}
+
+fn print_run(i: usize, run: &Run) {
+    let mut line = format!("run {:3}: {}", i + 1, describe_status(run.status));
+    for figure in FIGURES {
+        if let Some(value) = (figure.of)(run) {
+            let _ = write!(
+                line,
+                ", {} {}",
+                figure.label,
+                figure.unit.format(value).trim()
+            );
+        }
+    }
+    eprintln!("{line}");
+}
+
+// --- main ---------------------------------------------------------------------------------------
+
+fn bench(opts: &Options) -> Result<bool> {
+    if !opts.vmm.is_file() {
+        return Err(format!(
+            "{} does not exist: build it (cargo build --release) or pass --vmm PATH",
+            opts.vmm.display()
+        ));
+    }
+    let temp;
+    let kernel = match &opts.kernel {
+        Some(kernel) => kernel.clone(),
+        None => {
+            temp = TempDir::new()?;
+            build_probe_guest(&temp.0)?
+        }
+    };
+    let args = cgvm_args(opts, &kernel);
+    let mut runs = Vec::with_capacity(opts.runs);
+    for i in 0..opts.runs {
+        let run = run_once(&opts.vmm, &args)?;
+        if opts.verbose {
+            print_run(i, &run);
+        }
+        runs.push(run);
+    }
+    print!("{}", report(opts, &kernel, &runs));
+    Ok(runs.iter().all(|r| r.status.success()))
+}
+
+fn main() -> ExitCode {
+    let opts = match parse_args(env::args_os().skip(1)) {
+        Ok(Request::Run(opts)) => opts,
+        Ok(Request::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("boot bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match bench(&opts) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("boot bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
