@@ -37,7 +37,7 @@ fn boot_check_passes_and_probe_exit_sets_the_status() {
 
 #[test]
 fn boot_check_alone_exits_zero_and_verifies_memory_and_cpus() {
-    for (cpus, mem) in [("1", "64"), ("2", "256"), ("4", "1024")] {
+    for (cpus, mem) in [("1", "64"), ("2", "256"), ("4", "1024"), ("32", "512")] {
         let cmdline = format!("probe.tests=boot probe.cpus={cpus} probe.mem={mem}");
         let r = cgvm_run(&[
             "--kernel",
@@ -276,4 +276,32 @@ fn an_instruction_the_host_cannot_run_is_reported_not_spun_on() {
     } else {
         assert!(r.stderr.contains("vCPU 0 stopped:"), "{}", r.both());
     }
+}
+
+#[test]
+fn a_terminating_signal_stops_the_guest_with_128_plus_n() {
+    let d = scratch("sigterm");
+    let k = tiny_kernel(&d, "spin.elf", &[0xeb, 0xfe]);
+    let child = cgvm()
+        .args([
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--timeout",
+            "60",
+            "--console",
+            "none",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it start the guest, then ask it to stop as a supervisor would.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: kill sends a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(stderr.contains("stopped by signal 15"), "{stderr}");
 }

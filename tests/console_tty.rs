@@ -1,0 +1,62 @@
+//! The console on a real terminal: `script` (util-linux) gives cgvm a pseudo-terminal, as a
+//! developer's shell would. cgvm must put it in raw mode, honour Ctrl-A x, and give it back
+//! exactly as it found it, whichever way the run ends.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// Runs `cgvm_args` under `script` with `input` typed after a short delay; returns the
+/// terminal settings before and after, cgvm's status and everything on the terminal.
+fn on_a_terminal(cgvm_args: &str, input: &str) -> (String, String, String) {
+    let d = scratch("tty");
+    let (before, after) = (d.join("stty.before"), d.join("stty.after"));
+    let inner = format!(
+        "stty -g > {b}; {cgvm} {cgvm_args}; echo cgvm-status=\\$?; stty -g > {a}",
+        b = before.display(),
+        a = after.display(),
+        cgvm = env!("CARGO_BIN_EXE_cgvm"),
+    );
+    let outer = format!("(sleep 1; printf '{input}') | script -qec \"{inner}\" /dev/null");
+    let mut c = Command::new("bash");
+    c.args(["-c", &outer]);
+    let r = run_with_limit(c, Duration::from_secs(60));
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    (
+        read(&before),
+        read(&after),
+        format!("{}{}", r.stdout, r.stderr),
+    )
+}
+
+#[test]
+fn ctrl_a_x_quits_and_the_terminal_is_restored() {
+    let d = scratch("tty-spin");
+    let k = tiny_kernel(&d, "spin.elf", &[0xeb, 0xfe]);
+    let (before, after, screen) = on_a_terminal(
+        &format!("run --kernel {} --timeout 30", k.display()),
+        "\\001x",
+    );
+    assert!(
+        screen.contains("quit from the console (Ctrl-A x)"),
+        "{screen}"
+    );
+    assert!(screen.contains("cgvm-status=130"), "{screen}");
+    assert!(!before.is_empty(), "{screen}");
+    assert_eq!(before, after, "terminal settings restored");
+}
+
+#[test]
+fn a_guest_exit_restores_the_terminal_too() {
+    let probe = probe_elf().display().to_string();
+    let (before, after, screen) = on_a_terminal(
+        &format!("run --kernel {probe} --cmdline 'probe.tests=boot probe.exit=7' --timeout 30"),
+        "",
+    );
+    assert!(screen.contains("probe: boot ok"), "{screen}");
+    assert!(screen.contains("cgvm-status=7"), "{screen}");
+    assert_eq!(before, after, "terminal settings restored");
+}
