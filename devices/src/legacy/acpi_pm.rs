@@ -7,7 +7,7 @@
 //! `RESET_VALUE` [`ACPI_RESET_VALUE`], and the DSDT's `\_S5` package with SLP_TYP
 //! [`ACPI_S5_SLP_TYP`].
 
-use super::{read_bytes, write_bytes, UNCLAIMED};
+use super::{ByteRegisters, UNCLAIMED};
 use crate::stop::{GuestStop, StopNotifier};
 
 /// Length of the port range (0x3c0..0x3c3).
@@ -63,8 +63,10 @@ impl AcpiPmDevice {
             );
         }
     }
+}
 
-    fn read_reg(&self, offset: u64) -> u8 {
+impl ByteRegisters for AcpiPmDevice {
+    fn read_reg(&mut self, offset: u64) -> u8 {
         match offset {
             SLEEP_STATUS_OFFSET if self.wake_status => WAK_STS,
             SLEEP_CONTROL_OFFSET | SLEEP_STATUS_OFFSET | RESET_OFFSET => 0,
@@ -86,16 +88,6 @@ impl AcpiPmDevice {
             }
             _ => log::debug!("acpi: write {value:#04x} at offset {offset:#x} ignored"),
         }
-    }
-}
-
-impl crate::bus::BusDevice for AcpiPmDevice {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        read_bytes(offset, data, |o| self.read_reg(o));
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        write_bytes(offset, data, |o, v| self.write_reg(o, v));
     }
 }
 

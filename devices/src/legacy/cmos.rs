@@ -9,7 +9,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{read_bytes, write_bytes, UNCLAIMED};
+use super::{ByteRegisters, UNCLAIMED};
 
 /// Length of the port range: index at offset 0 (0x70), data at offset 1 (0x71).
 pub const CMOS_LEN: u64 = 2;
@@ -164,8 +164,10 @@ impl CmosDevice {
             }
         }
     }
+}
 
-    fn read_port(&self, offset: u64) -> u8 {
+impl ByteRegisters for CmosDevice {
+    fn read_reg(&mut self, offset: u64) -> u8 {
         match offset {
             // The index register is write-only.
             INDEX_OFFSET => UNCLAIMED,
@@ -174,22 +176,12 @@ impl CmosDevice {
         }
     }
 
-    fn write_port(&mut self, offset: u64, value: u8) {
+    fn write_reg(&mut self, offset: u64, value: u8) {
         match offset {
             INDEX_OFFSET => self.index = value & INDEX_MASK,
             DATA_OFFSET => self.write_register(self.index, value),
             _ => log::debug!("cmos: write {value:#04x} at offset {offset:#x} ignored"),
         }
-    }
-}
-
-impl crate::bus::BusDevice for CmosDevice {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        read_bytes(offset, data, |o| self.read_port(o));
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        write_bytes(offset, data, |o, v| self.write_port(o, v));
     }
 }
 

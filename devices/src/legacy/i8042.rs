@@ -24,7 +24,7 @@ use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::irq::EventFdTrigger;
-use super::{read_bytes, write_bytes, UNCLAIMED};
+use super::{ByteRegisters, UNCLAIMED};
 use crate::stop::{GuestStop, StopNotifier};
 
 /// Length of the port range: insert one device at 0x60 covering 0x60..0x65 (data at offset 0,
@@ -389,7 +389,9 @@ impl I8042Device {
             _ => self.push(&[KBD_ACK]),
         }
     }
+}
 
+impl ByteRegisters for I8042Device {
     fn read_reg(&mut self, offset: u64) -> u8 {
         match offset {
             DATA_OFFSET => self.read_data(),
@@ -404,16 +406,6 @@ impl I8042Device {
             COMMAND_OFFSET => self.write_command(value),
             _ => log::debug!("i8042: write {value:#04x} at offset {offset:#x} ignored"),
         }
-    }
-}
-
-impl crate::bus::BusDevice for I8042Device {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        read_bytes(offset, data, |o| self.read_reg(o));
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        write_bytes(offset, data, |o, v| self.write_reg(o, v));
     }
 }
 

@@ -23,6 +23,8 @@
 //! range) returns 0xff, as an unclaimed port does. Writes nothing handles are dropped with a
 //! debug log. No access, whatever its size, offset or value, panics.
 
+use crate::bus::BusDevice;
+
 pub mod acpi_pm;
 pub mod boot_timer;
 pub mod cmos;
@@ -46,18 +48,27 @@ pub use serial::{SerialDevice, SerialOutput, SharedBuffer, SERIAL_LEN};
 /// What a byte outside every register of a device reads as: the value of an unclaimed port.
 pub(crate) const UNCLAIMED: u8 = 0xff;
 
-/// Answers a port read one byte at a time: byte `i` of `data` is the register at `offset + i`.
-pub(crate) fn read_bytes(offset: u64, data: &mut [u8], mut reg: impl FnMut(u64) -> u8) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = reg(offset.saturating_add(i as u64));
-    }
+/// A device made of byte-wide registers, as ISA port devices are: an access of N bytes at
+/// `offset` touches the registers at `offset`, `offset + 1`, ... in order, which is what a
+/// wide `in`/`out` on such hardware does.
+pub(crate) trait ByteRegisters: Send {
+    /// The value of the register at `offset`.
+    fn read_reg(&mut self, offset: u64) -> u8;
+    /// Writes the register at `offset`.
+    fn write_reg(&mut self, offset: u64, value: u8);
 }
 
-/// Applies a port write one byte at a time: byte `i` of `data` goes to the register at
-/// `offset + i`.
-pub(crate) fn write_bytes(offset: u64, data: &[u8], mut reg: impl FnMut(u64, u8)) {
-    for (i, &b) in data.iter().enumerate() {
-        reg(offset.saturating_add(i as u64), b);
+impl<T: ByteRegisters> BusDevice for T {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.read_reg(offset.saturating_add(i as u64));
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        for (i, &b) in data.iter().enumerate() {
+            self.write_reg(offset.saturating_add(i as u64), b);
+        }
     }
 }
 
@@ -65,13 +76,26 @@ pub(crate) fn write_bytes(offset: u64, data: &[u8], mut reg: impl FnMut(u64, u8)
 mod tests {
     use super::*;
 
+    /// Records writes; reads return the low byte of the offset.
+    #[derive(Default)]
+    struct Echo(Vec<(u64, u8)>);
+
+    impl ByteRegisters for Echo {
+        fn read_reg(&mut self, offset: u64) -> u8 {
+            (offset & 0xff) as u8
+        }
+        fn write_reg(&mut self, offset: u64, value: u8) {
+            self.0.push((offset, value));
+        }
+    }
+
     #[test]
     fn byte_split_walks_consecutive_offsets_without_overflow() {
+        let mut dev = Echo::default();
         let mut data = [0u8; 3];
-        read_bytes(u64::MAX - 1, &mut data, |o| (o & 0xff) as u8);
+        dev.read(u64::MAX - 1, &mut data);
         assert_eq!(data, [0xfe, 0xff, 0xff]);
-        let mut seen = Vec::new();
-        write_bytes(4, &[1, 2], |o, v| seen.push((o, v)));
-        assert_eq!(seen, [(4, 1), (5, 2)]);
+        dev.write(4, &[1, 2]);
+        assert_eq!(dev.0, [(4, 1), (5, 2)]);
     }
 }

@@ -10,7 +10,7 @@ use vm_superio::Serial;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::irq::EventFdTrigger;
-use super::{read_bytes, write_bytes, UNCLAIMED};
+use super::{ByteRegisters, UNCLAIMED};
 
 /// Length of the UART's port range (eight registers at 0x3f8..0x3ff for COM1).
 pub const SERIAL_LEN: u64 = 8;
@@ -97,7 +97,9 @@ impl SerialDevice {
     pub fn input_drained_event(&self) -> &EventFd {
         &self.serial.events().0
     }
+}
 
+impl ByteRegisters for SerialDevice {
     fn read_reg(&mut self, offset: u64) -> u8 {
         match u8::try_from(offset) {
             Ok(o) if u64::from(o) < SERIAL_LEN => self.serial.read(o),
@@ -123,16 +125,6 @@ impl SerialDevice {
             }
             Err(e) => log::warn!("serial: {e}"),
         }
-    }
-}
-
-impl crate::bus::BusDevice for SerialDevice {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        read_bytes(offset, data, |o| self.read_reg(o));
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        write_bytes(offset, data, |o, v| self.write_reg(o, v));
     }
 }
 
