@@ -60,3 +60,49 @@ fn a_guest_exit_restores_the_terminal_too() {
     assert!(screen.contains("cgvm-status=7"), "{screen}");
     assert_eq!(before, after, "terminal settings restored");
 }
+
+/// A ring-0 guest that polls COM1 for one byte and exits through the exit device with it.
+const ECHO_ONE_BYTE: &[u8] = &[
+    0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd (line status)
+    0xec, // in al, dx
+    0xa8, 0x01, // test al, 1 (data ready)
+    0x74, 0xf7, // jz back to the start
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8 (receive buffer)
+    0xec, // in al, dx
+    0xe6, 0xf4, // out 0xf4, al
+    0xeb, 0xfe, // jmp .
+];
+
+#[test]
+fn typed_input_reaches_the_guest() {
+    let d = scratch("tty-input");
+    let k = tiny_kernel(&d, "echo.elf", ECHO_ONE_BYTE);
+    let (before, after, screen) =
+        on_a_terminal(&format!("run --kernel {} --timeout 30", k.display()), "A");
+    assert!(
+        screen.contains("cgvm-status=65"),
+        "the guest read 'A': {screen}"
+    );
+    assert_eq!(before, after);
+}
+
+#[test]
+fn piped_input_reaches_the_guest() {
+    use std::io::Write;
+    let d = scratch("pipe-input");
+    let k = tiny_kernel(&d, "echo.elf", ECHO_ONE_BYTE);
+    let mut child = cgvm()
+        .args(["run", "--kernel", k.to_str().unwrap(), "--timeout", "30"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"B").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(66),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

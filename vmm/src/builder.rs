@@ -13,7 +13,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{ConfigError, ConsoleConfig, VmConfig};
-use crate::runner::{ConsoleSink, Vmm};
+use crate::runner::{ConsoleInput, Vmm};
 use crate::timeline::Timeline;
 use crate::vstate::vcpu::{self, BootEntry, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
@@ -98,12 +98,24 @@ impl ConsoleIo {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn shared<D: devices::bus::BusDevice + 'static>(d: D) -> Arc<Mutex<D>> {
     Arc::new(Mutex::new(d))
 }
 
-fn irq_event() -> Result<EventFd, BuildError> {
-    EventFd::new(EFD_NONBLOCK).map_err(io_err("cannot create an interrupt eventfd"))
+/// An eventfd that raises `gsi` in the in-kernel irqchip when written (KVM_IRQFD).
+fn irq_event(vm: &Vm, gsi: u32, device: &str) -> Result<EventFd, BuildError> {
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("cannot create an interrupt eventfd"))?;
+    vm.fd
+        .register_irqfd(&evt, gsi)
+        .map_err(|e| BuildError::Io {
+            what: format!("KVM_IRQFD for the {device} (GSI {gsi})"),
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    Ok(evt)
 }
 
 /// Builds the machine for `config` and starts its vCPUs.
@@ -162,13 +174,7 @@ pub fn build(
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
 
-    let com1_irq = irq_event()?;
-    vm.fd
-        .register_irqfd(&com1_irq, layout::COM1_IRQ)
-        .map_err(|e| BuildError::Io {
-            what: "KVM_IRQFD for COM1".into(),
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
+    let com1_irq = irq_event(&vm, layout::COM1_IRQ, "serial port")?;
     let serial = shared(
         legacy::SerialDevice::new(
             legacy::EventFdTrigger::from_event_fd(com1_irq),
@@ -182,13 +188,7 @@ pub fn build(
         legacy::SERIAL_LEN,
     )?;
 
-    let kbd_irq = irq_event()?;
-    vm.fd
-        .register_irqfd(&kbd_irq, layout::I8042_IRQ)
-        .map_err(|e| BuildError::Io {
-            what: "KVM_IRQFD for the i8042".into(),
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
+    let kbd_irq = irq_event(&vm, layout::I8042_IRQ, "i8042")?;
     let i8042 = shared(legacy::I8042Device::new(
         legacy::EventFdTrigger::from_event_fd(kbd_irq),
         stop.clone(),
@@ -229,6 +229,19 @@ pub fn build(
         legacy::BOOT_TIMER_LEN,
     )?;
 
+    let console_input = match console.read_stdin {
+        false => None,
+        true => {
+            let drained = lock(&serial)
+                .input_drained_event()
+                .try_clone()
+                .map_err(io_err("cannot watch the serial input FIFO"))?;
+            let serial = serial.clone();
+            let feed = Box::new(move |bytes: &[u8]| lock(&serial).enqueue_input(bytes));
+            Some(ConsoleInput { feed, drained })
+        }
+    };
+
     // vCPUs.
     vcpu::install_kick_handler().map_err(|e| BuildError::Io {
         what: "cannot install the vCPU kick handler".into(),
@@ -253,15 +266,6 @@ pub fn build(
         threads.push(h);
     }
 
-    let console_input: Option<ConsoleSink> = console.read_stdin.then(|| {
-        let serial = serial.clone();
-        Box::new(move |bytes: &[u8]| {
-            serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .enqueue_input(bytes)
-        }) as ConsoleSink
-    });
     Ok(Vmm::new(
         vm,
         shared_state,

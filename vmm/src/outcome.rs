@@ -30,6 +30,8 @@ pub enum RunOutcome {
     Signal(i32),
     /// The user pressed Ctrl-A x.
     UserQuit,
+    /// The VMM itself failed while the guest ran (its event loop could not run).
+    VmmError(String),
 }
 
 impl RunOutcome {
@@ -43,6 +45,7 @@ impl RunOutcome {
             Self::Timeout(_) => EXIT_TIMEOUT,
             Self::Signal(s) => 128 + s,
             Self::UserQuit => EXIT_USER_QUIT,
+            Self::VmmError(_) => EXIT_VMM_ERROR,
         }
     }
 }
@@ -64,6 +67,7 @@ impl std::fmt::Display for RunOutcome {
             ),
             Self::Signal(s) => write!(f, "stopped by signal {s}"),
             Self::UserQuit => write!(f, "quit from the console (Ctrl-A x)"),
+            Self::VmmError(e) => write!(f, "cgvm failed: {e}"),
         }
     }
 }
@@ -88,6 +92,7 @@ mod tests {
         assert_eq!(RunOutcome::Timeout(Duration::from_secs(3)).exit_code(), 124);
         assert_eq!(RunOutcome::Signal(15).exit_code(), 143);
         assert_eq!(RunOutcome::UserQuit.exit_code(), 130);
+        assert_eq!(RunOutcome::VmmError("epoll".into()).exit_code(), 125);
         assert!(RunOutcome::Timeout(Duration::from_secs(3))
             .to_string()
             .contains("after 3 s"));

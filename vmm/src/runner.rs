@@ -2,7 +2,7 @@
 //! vCPU to fail, for the time limit, for a terminating signal and for console input, then
 //! stops the vCPU threads and returns the [`RunOutcome`].
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::console::EscapeFilter;
@@ -22,11 +23,17 @@ use crate::vstate::vm::Vm;
 pub const EXIT_SIGNALS: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 /// How long to wait for vCPU threads to leave KVM_RUN once stopped.
 const VCPU_STOP_GRACE: Duration = Duration::from_secs(2);
-/// How often to retry console input the guest's FIFO had no room for.
-const INPUT_RETRY: Duration = Duration::from_millis(10);
 
-/// Feeds console input to the guest; returns how many bytes it took.
-pub type ConsoleSink = Box<dyn FnMut(&[u8]) -> usize + Send>;
+/// Feeds bytes to the guest; returns how many it took (the FIFO may be full).
+pub type InputFeed = Box<dyn FnMut(&[u8]) -> usize + Send>;
+
+/// Where console input goes: the UART's receive FIFO.
+pub struct ConsoleInput {
+    /// Feeds the FIFO.
+    pub feed: InputFeed,
+    /// Readable when the guest has emptied the FIFO: the moment to offer the rest.
+    pub drained: EventFd,
+}
 
 /// Blocks [`EXIT_SIGNALS`] in the calling thread (and the threads it starts later), so that
 /// the event loop receives them through a signalfd. Call before starting any thread.
@@ -59,7 +66,7 @@ pub struct Vmm {
     shared: Arc<VcpuShared>,
     vcpus: Vec<JoinHandle<()>>,
     timeout: Option<Duration>,
-    console_input: Option<ConsoleSink>,
+    console_input: Option<ConsoleInput>,
 }
 
 impl Vmm {
@@ -69,7 +76,7 @@ impl Vmm {
         shared: Arc<VcpuShared>,
         vcpus: Vec<JoinHandle<()>>,
         timeout: Option<Duration>,
-        console_input: Option<ConsoleSink>,
+        console_input: Option<ConsoleInput>,
     ) -> Self {
         Self {
             _vm: vm,
@@ -91,13 +98,13 @@ impl Vmm {
     fn wait_for_stop(&mut self) -> RunOutcome {
         let mut em = match EventManager::<Box<dyn MutEventSubscriber + Send>>::new() {
             Ok(em) => em,
-            Err(e) => return self.internal_failure(format!("cannot create the event loop: {e}")),
+            Err(e) => return RunOutcome::VmmError(format!("cannot create the event loop: {e}")),
         };
         let events =
             match LoopEvents::new(self.shared.clone(), self.timeout, self.console_input.take()) {
                 Ok(ev) => ev,
                 Err(e) => {
-                    return self.internal_failure(format!("cannot set up the event loop: {e}"))
+                    return RunOutcome::VmmError(format!("cannot set up the event loop: {e}"))
                 }
             };
         let outcome = events.outcome.clone();
@@ -108,20 +115,10 @@ impl Vmm {
             }
             if let Err(e) = em.run() {
                 if !matches!(&e, event_manager::Error::Epoll(err) if err.errno() == libc::EINTR) {
-                    return self.internal_failure(format!("event loop failed: {e}"));
+                    return RunOutcome::VmmError(format!("event loop failed: {e}"));
                 }
             }
         }
-    }
-
-    fn internal_failure(&self, msg: String) -> RunOutcome {
-        log::error!("{msg}");
-        RunOutcome::Vcpu(crate::vstate::vcpu::VcpuStop {
-            vcpu: 0,
-            reason: msg,
-            rip: 0,
-            bytes: "unavailable".into(),
-        })
     }
 
     /// Sets the stop flag and kicks every vCPU thread until it leaves KVM_RUN.
@@ -149,17 +146,16 @@ const TOKEN_VCPU_STOP: u32 = 2;
 const TOKEN_TIMEOUT: u32 = 3;
 const TOKEN_SIGNAL: u32 = 4;
 const TOKEN_STDIN: u32 = 5;
-const TOKEN_INPUT_RETRY: u32 = 6;
+const TOKEN_INPUT_DRAINED: u32 = 6;
 
 /// The one subscriber of the VMM loop for this events.
 struct LoopEvents {
     shared: Arc<VcpuShared>,
     timeout: Option<(Duration, TimerFd)>,
     signals: OwnedFd,
-    console: Option<ConsoleSink>,
+    console: Option<ConsoleInput>,
     escape: EscapeFilter,
     pending_input: Vec<u8>,
-    input_retry: TimerFd,
     outcome: Arc<std::sync::Mutex<Option<RunOutcome>>>,
 }
 
@@ -167,7 +163,7 @@ impl LoopEvents {
     fn new(
         shared: Arc<VcpuShared>,
         timeout: Option<Duration>,
-        console: Option<ConsoleSink>,
+        console: Option<ConsoleInput>,
     ) -> std::io::Result<Self> {
         let timeout = match timeout {
             Some(d) => {
@@ -184,7 +180,6 @@ impl LoopEvents {
             console,
             escape: EscapeFilter::default(),
             pending_input: Vec::new(),
-            input_retry: TimerFd::new().map_err(std::io::Error::from)?,
             outcome: Arc::new(std::sync::Mutex::new(None)),
         })
     }
@@ -215,54 +210,49 @@ impl LoopEvents {
         self.push_input(ops);
     }
 
-    /// Gives the guest what its FIFO can take; holds the rest and stops reading stdin until
-    /// the retry timer finds room.
+    /// Gives the guest what its FIFO can take. What is left waits, and stdin is not read,
+    /// until the guest empties the FIFO (its drained event), so a guest that does not read
+    /// its console neither loses input nor makes the loop spin.
     fn push_input(&mut self, ops: &mut EventOps) {
-        let Some(sink) = self.console.as_mut() else {
+        let Some(console) = self.console.as_mut() else {
             return;
         };
-        let taken = sink(&self.pending_input);
+        let taken = (console.feed)(&self.pending_input);
         self.pending_input
             .drain(..taken.min(self.pending_input.len()));
         let stdin = Events::with_data_raw(libc::STDIN_FILENO, TOKEN_STDIN, EventSet::IN);
+        // Adding what is already watched, or removing what is not, fails harmlessly.
         if self.pending_input.is_empty() {
             let _ = ops.add(stdin);
         } else {
             let _ = ops.remove(stdin);
-            if let Err(e) = self.input_retry.reset(INPUT_RETRY, None) {
-                log::warn!("console input retry timer: {e}");
-            }
         }
     }
 }
 
-fn drain_fd(fd: RawFd) {
-    let mut buf = [0u8; 128];
-    // SAFETY: read writes at most buf.len() bytes into the buffer we own; the fd is
-    // non-blocking or known readable.
-    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-}
-
 impl MutEventSubscriber for LoopEvents {
     fn init(&mut self, ops: &mut EventOps) {
-        let mut add = |fd: RawFd, token: u32| {
-            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
-                log::error!("event loop: cannot watch fd {fd}: {e}");
-            }
-        };
-        add(self.shared.guest_stop.event().as_raw_fd(), TOKEN_GUEST_STOP);
-        add(self.shared.vcpu_event.as_raw_fd(), TOKEN_VCPU_STOP);
-        add(self.signals.as_raw_fd(), TOKEN_SIGNAL);
-        add(self.input_retry.as_raw_fd(), TOKEN_INPUT_RETRY);
+        let mut watch = vec![
+            (self.shared.guest_stop.event().as_raw_fd(), TOKEN_GUEST_STOP),
+            (self.shared.vcpu_event.as_raw_fd(), TOKEN_VCPU_STOP),
+            (self.signals.as_raw_fd(), TOKEN_SIGNAL),
+        ];
         if let Some((_, t)) = &self.timeout {
-            add(t.as_raw_fd(), TOKEN_TIMEOUT);
+            watch.push((t.as_raw_fd(), TOKEN_TIMEOUT));
         }
-        if self.console.is_some() {
+        if let Some(console) = &self.console {
             // Not every stdin can be polled (a regular file, /dev/null): then there is no input.
             let stdin = Events::with_data_raw(libc::STDIN_FILENO, TOKEN_STDIN, EventSet::IN);
             if ops.add(stdin).is_err() {
                 log::debug!("stdin cannot be polled; the console has no input");
                 self.console = None;
+            } else {
+                watch.push((console.drained.as_raw_fd(), TOKEN_INPUT_DRAINED));
+            }
+        }
+        for (fd, token) in watch {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                log::error!("event loop: cannot watch fd {fd}: {e}");
             }
         }
     }
@@ -317,9 +307,13 @@ impl MutEventSubscriber for LoopEvents {
                     self.on_stdin(ops);
                 }
             }
-            TOKEN_INPUT_RETRY => {
-                drain_fd(self.input_retry.as_raw_fd());
-                self.push_input(ops);
+            TOKEN_INPUT_DRAINED => {
+                if let Some(c) = &self.console {
+                    let _ = c.drained.read();
+                }
+                if !self.pending_input.is_empty() {
+                    self.push_input(ops);
+                }
             }
             other => log::warn!("event loop: unknown token {other}"),
         }
