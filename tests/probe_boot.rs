@@ -305,3 +305,29 @@ fn a_terminating_signal_stops_the_guest_with_128_plus_n() {
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
     assert!(stderr.contains("stopped by signal 15"), "{stderr}");
 }
+
+#[test]
+fn acpi_poweroff_found_through_the_tables_ends_the_run_with_zero() {
+    // The probe finds the FADT's sleep control register and \_S5 in the DSDT, as an OS does.
+    let r = cgvm_run(&[
+        "--kernel",
+        &probe(),
+        "--cmdline",
+        "probe.tests=boot probe.exit=poweroff",
+        "--timeout",
+        "30",
+        "--log-level",
+        "info",
+    ]);
+    assert_eq!(r.status, Some(0), "{}", r.both());
+    assert!(
+        r.stderr.contains("guest powered off (ACPI)"),
+        "{}",
+        r.both()
+    );
+    assert!(
+        r.stderr.contains("poweroff (ACPI S5)"),
+        "through the sleep register: {}",
+        r.both()
+    );
+}

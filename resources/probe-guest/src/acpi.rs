@@ -1,5 +1,7 @@
 //! ACPI table parsing: the RSDP, the root table (XSDT, or RSDT for ACPI 1.0), table headers
-//! and checksums, and the MADT's CPUs and IOAPICs.
+//! and checksums, the MADT's CPUs and IOAPICs, and what ACPI S5 (soft off) needs on a
+//! hardware-reduced platform: the FADT's flags, SLEEP_CONTROL_REG and DSDT address, and the
+//! DSDT's `\_S5_` (found by `aml`).
 //!
 //! All reads go through [`Mem`] and every length is checked against the table that holds it, so
 //! a malformed table is an [`AcpiError`], never a fault. Policy (what the boot check requires)
@@ -7,7 +9,8 @@
 
 use core::fmt;
 
-use crate::phys::{Mem, MemError};
+use crate::aml::{self, AmlError};
+use crate::phys::{Mem, MemError, MMIO_HOLE_START};
 use crate::text::Escaped;
 
 /// Where the RSDP is searched when the zero page does not say (the BIOS read-only area).
@@ -36,6 +39,37 @@ const MADT_IO_APIC: u8 = 1;
 const MADT_LOCAL_X2APIC: u8 = 9;
 /// Local APIC / x2APIC flags: enabled.
 const MADT_ENABLED: u32 = 1 << 0;
+
+/// FADT: the 32-bit DSDT address (u32).
+const FADT_DSDT: usize = 40;
+/// FADT: the fixed feature flags (u32).
+const FADT_FLAGS: usize = 112;
+/// FADT: the 64-bit DSDT address (u64, ACPI 2.0+).
+const FADT_X_DSDT: usize = 140;
+/// FADT: SLEEP_CONTROL_REG, a Generic Address Structure (ACPI 5.0+).
+const FADT_SLEEP_CONTROL_REG: usize = 244;
+/// The FADT bytes the probe reads: through SLEEP_CONTROL_REG.
+pub const FADT_READ_LEN: usize = FADT_SLEEP_CONTROL_REG + GAS_LEN;
+/// FADT flag: HW_REDUCED_ACPI (no fixed hardware; sleep through the sleep registers).
+pub const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
+
+/// Size of a Generic Address Structure.
+pub const GAS_LEN: usize = 12;
+/// GAS address space: system memory.
+pub const GAS_SYSTEM_MEMORY: u8 = 0;
+/// GAS address space: system I/O.
+pub const GAS_SYSTEM_IO: u8 = 1;
+/// GAS access size: undefined (legacy reasons).
+const GAS_ACCESS_UNDEFINED: u8 = 0;
+/// GAS access size: byte.
+const GAS_ACCESS_BYTE: u8 = 1;
+
+/// Sleep control register: SLP_EN.
+pub const SLP_EN: u8 = 1 << 5;
+/// Sleep control register: the SLP_TYP field (bits 2..4).
+const SLP_TYP_MASK: u8 = 0x1c;
+/// Sleep control register: where SLP_TYP starts.
+const SLP_TYP_SHIFT: u32 = 2;
 
 /// Most CPUs the probe records.
 pub const MAX_CPUS: usize = 256;
@@ -92,6 +126,33 @@ pub enum AcpiError {
     TooManyCpus,
     /// Two enabled CPUs share an APIC ID.
     DuplicateApicId(u32),
+    /// No FADT ("FACP") in the root table.
+    NoFadt,
+    /// The FADT is too short for a field the probe needs.
+    FadtTooShort {
+        /// The FADT's length.
+        len: u32,
+        /// The field.
+        field: &'static str,
+        /// The length that would cover it.
+        need: usize,
+    },
+    /// The FADT's HW_REDUCED_ACPI flag is clear; these are the flags.
+    NotHardwareReduced(u32),
+    /// SLEEP_CONTROL_REG's address is 0: the platform has no sleep control register.
+    NoSleepControl,
+    /// SLEEP_CONTROL_REG is not a register the probe can write a byte to.
+    BadSleepControl(Gas, &'static str),
+    /// Both X_DSDT and DSDT are 0.
+    NoDsdt,
+    /// The DSDT's `\_S5_` could not be read.
+    Aml(AmlError),
+}
+
+impl From<AmlError> for AcpiError {
+    fn from(e: AmlError) -> Self {
+        Self::Aml(e)
+    }
 }
 
 impl From<MemError> for AcpiError {
@@ -138,6 +199,21 @@ impl fmt::Display for AcpiError {
             ),
             Self::TooManyCpus => write!(f, "MADT lists more than {MAX_CPUS} enabled CPUs"),
             Self::DuplicateApicId(id) => write!(f, "MADT lists APIC ID {id} twice"),
+            Self::NoFadt => write!(f, "no FADT (FACP) in the root table"),
+            Self::FadtTooShort { len, field, need } => write!(
+                f,
+                "FADT length {len} does not cover {field} (needs {need}, ACPI 5.0+)"
+            ),
+            Self::NotHardwareReduced(flags) => write!(
+                f,
+                "FADT flags 0x{flags:08x}: HW_REDUCED_ACPI (bit 20) is clear"
+            ),
+            Self::NoSleepControl => write!(f, "FADT SLEEP_CONTROL_REG address is 0"),
+            Self::BadSleepControl(gas, why) => {
+                write!(f, "FADT SLEEP_CONTROL_REG {gas}: {why}")
+            }
+            Self::NoDsdt => write!(f, "FADT has neither an X_DSDT nor a DSDT address"),
+            Self::Aml(e) => write!(f, "DSDT: {e}"),
         }
     }
 }
@@ -318,6 +394,8 @@ pub struct Tables {
     pub count: usize,
     /// The MADT, if listed.
     pub madt: Option<SdtHeader>,
+    /// The FADT, if listed.
+    pub fadt: Option<SdtHeader>,
 }
 
 impl Tables {
@@ -333,6 +411,7 @@ pub fn tables(mem: &impl Mem, root: &RootTable) -> Result<Tables, AcpiError> {
         signatures: [[0; 4]; MAX_TABLES],
         count: 0,
         madt: None,
+        fadt: None,
     };
     for i in 0..root.entries() {
         let header = read_table(mem, root.entry(mem, i)?)?;
@@ -342,6 +421,9 @@ pub fn tables(mem: &impl Mem, root: &RootTable) -> Result<Tables, AcpiError> {
         tables.count += 1;
         if &header.signature == b"APIC" && tables.madt.is_none() {
             tables.madt = Some(header);
+        }
+        if &header.signature == b"FACP" && tables.fadt.is_none() {
+            tables.fadt = Some(header);
         }
     }
     Ok(tables)
@@ -446,6 +528,186 @@ pub fn parse_madt(mem: &impl Mem, header: &SdtHeader) -> Result<Madt, AcpiError>
         offset += u32::from(len);
     }
     Ok(madt)
+}
+
+/// A Generic Address Structure: where a register is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gas {
+    /// Address space ID ([`GAS_SYSTEM_MEMORY`], [`GAS_SYSTEM_IO`], ...).
+    pub space_id: u8,
+    /// Register bit width.
+    pub bit_width: u8,
+    /// Register bit offset.
+    pub bit_offset: u8,
+    /// Access size (0 undefined, 1 byte, 2 word, 3 dword, 4 qword).
+    pub access_size: u8,
+    /// Address in that space.
+    pub address: u64,
+}
+
+impl Gas {
+    /// Reads a GAS from the first [`GAS_LEN`] bytes of `bytes` (`None` if there are fewer).
+    pub fn read(bytes: &[u8]) -> Option<Self> {
+        let b: &[u8; GAS_LEN] = bytes.get(..GAS_LEN)?.try_into().ok()?;
+        Some(Self {
+            space_id: b[0],
+            bit_width: b[1],
+            bit_offset: b[2],
+            access_size: b[3],
+            address: u64::from_le_bytes([b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11]]),
+        })
+    }
+}
+
+impl fmt::Display for Gas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.space_id {
+            GAS_SYSTEM_MEMORY => write!(f, "(SystemMemory")?,
+            GAS_SYSTEM_IO => write!(f, "(SystemIO")?,
+            id => write!(f, "(address space {id}")?,
+        }
+        write!(
+            f,
+            " 0x{:x}, {} bits at bit {}, access size {})",
+            self.address, self.bit_width, self.bit_offset, self.access_size
+        )
+    }
+}
+
+/// A sleep control register the probe can write a byte to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SleepRegister {
+    /// An I/O port.
+    Io(u16),
+    /// A byte of device memory in the 32-bit MMIO hole.
+    Memory(u64),
+}
+
+impl SleepRegister {
+    /// Checks SLEEP_CONTROL_REG: an 8-bit register at bit 0, accessed by byte (or access size
+    /// undefined), in SystemIO below 0x10000 or in SystemMemory inside 0xc0000000..4 GiB: the
+    /// device window the start code maps uncached, where no Rust object lives (the probe maps
+    /// nothing above 4 GiB, and a register in RAM is no register).
+    pub fn from_gas(gas: &Gas) -> Result<Self, AcpiError> {
+        let bad = |why| Err(AcpiError::BadSleepControl(*gas, why));
+        if gas.address == 0 {
+            return Err(AcpiError::NoSleepControl);
+        }
+        if gas.bit_width != 8 || gas.bit_offset != 0 {
+            return bad("not an 8-bit register at bit 0");
+        }
+        if gas.access_size != GAS_ACCESS_UNDEFINED && gas.access_size != GAS_ACCESS_BYTE {
+            return bad("access size is not byte");
+        }
+        match gas.space_id {
+            GAS_SYSTEM_IO => match u16::try_from(gas.address) {
+                Ok(port) => Ok(Self::Io(port)),
+                Err(_) => bad("I/O port above 0xffff"),
+            },
+            GAS_SYSTEM_MEMORY if (MMIO_HOLE_START..1 << 32).contains(&gas.address) => {
+                Ok(Self::Memory(gas.address))
+            }
+            GAS_SYSTEM_MEMORY => {
+                bad("memory outside 0xc0000000..4 GiB, where the probe maps devices")
+            }
+            _ => bad("address space is neither SystemIO nor SystemMemory"),
+        }
+    }
+}
+
+/// What the FADT says about S5 on a hardware-reduced platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FadtSleep {
+    /// SLEEP_CONTROL_REG.
+    pub sleep_control: SleepRegister,
+    /// The DSDT's address: X_DSDT, or DSDT when X_DSDT is 0.
+    pub dsdt: u64,
+}
+
+/// Parses the FADT's first bytes: `fadt` holds the table's first `min(length, FADT_READ_LEN)`
+/// bytes. Requires HW_REDUCED_ACPI, a usable SLEEP_CONTROL_REG and a DSDT address.
+pub fn parse_fadt(fadt: &[u8]) -> Result<FadtSleep, AcpiError> {
+    let len = u32::try_from(fadt.len()).unwrap_or(u32::MAX);
+    let too_short = |field, need| AcpiError::FadtTooShort { len, field, need };
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(fadt.get(at..at + 4)?.try_into().ok()?))
+    };
+    let flags = u32_at(FADT_FLAGS).ok_or(too_short("Flags", FADT_FLAGS + 4))?;
+    if flags & FADT_HW_REDUCED_ACPI == 0 {
+        return Err(AcpiError::NotHardwareReduced(flags));
+    }
+    let gas = Gas::read(fadt.get(FADT_SLEEP_CONTROL_REG..).unwrap_or_default())
+        .ok_or(too_short("SLEEP_CONTROL_REG", FADT_READ_LEN))?;
+    let sleep_control = SleepRegister::from_gas(&gas)?;
+    // Both DSDT fields lie before SLEEP_CONTROL_REG, so they are there.
+    let x_dsdt = fadt
+        .get(FADT_X_DSDT..FADT_X_DSDT + 8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes);
+    let dsdt = match x_dsdt {
+        0 => u64::from(u32_at(FADT_DSDT).unwrap_or(0)),
+        x => x,
+    };
+    if dsdt == 0 {
+        return Err(AcpiError::NoDsdt);
+    }
+    Ok(FadtSleep {
+        sleep_control,
+        dsdt,
+    })
+}
+
+/// The sleep control register value that enters sleep type `slp_typ`: SLP_TYP in bits 2..4
+/// (its low 3 bits), and SLP_EN.
+pub fn sleep_control_value(slp_typ: u16) -> u8 {
+    ((slp_typ << SLP_TYP_SHIFT) as u8 & SLP_TYP_MASK) | SLP_EN
+}
+
+/// How to enter ACPI S5 (soft off), from the tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct S5 {
+    /// SLEEP_CONTROL_REG.
+    pub sleep_control: SleepRegister,
+    /// SLP_TYPa from `\_S5_`.
+    pub slp_typ: u16,
+}
+
+impl S5 {
+    /// The byte to write to the sleep control register.
+    pub fn sleep_control_value(&self) -> u8 {
+        sleep_control_value(self.slp_typ)
+    }
+}
+
+/// Finds how to enter S5 the way an OS does on a hardware-reduced ACPI platform: RSDP (at
+/// `rsdp_hint`, else by scanning) → XSDT/RSDT → FADT (HW_REDUCED_ACPI, SLEEP_CONTROL_REG,
+/// X_DSDT/DSDT) → the DSDT's `\_S5_` package. Every table is checksummed on the way.
+pub fn find_s5(mem: &impl Mem, rsdp_hint: u64) -> Result<S5, AcpiError> {
+    let rsdp = find_rsdp(mem, rsdp_hint)?;
+    let root = root_table(mem, &rsdp)?;
+    let fadt = tables(mem, &root)?.fadt.ok_or(AcpiError::NoFadt)?;
+    let mut bytes = [0u8; FADT_READ_LEN];
+    let n = (fadt.length as usize).min(FADT_READ_LEN);
+    mem.read(fadt.addr, &mut bytes[..n])?;
+    let sleep = parse_fadt(&bytes[..n])?;
+    let dsdt = read_table(mem, sleep.dsdt)?;
+    if &dsdt.signature != b"DSDT" {
+        return Err(AcpiError::WrongSignature {
+            addr: dsdt.addr,
+            expected: *b"DSDT",
+            found: dsdt.signature,
+        });
+    }
+    let aml_start = dsdt.addr + u64::from(SDT_HEADER_LEN);
+    let aml_len = (dsdt.length - SDT_HEADER_LEN) as usize;
+    let slp_typ = aml::find_s5_in(aml_len, |at, buf: &mut [u8]| {
+        mem.read(aml_start + at as u64, buf)
+            .map_err(AcpiError::from)
+    })?;
+    Ok(S5 {
+        sleep_control: sleep.sleep_control,
+        slp_typ,
+    })
 }
 
 #[cfg(test)]
@@ -567,5 +829,207 @@ mod tests {
         let (_, madt) = parse(&mem, 0).expect("x2APIC entry");
         assert_eq!(madt.apic_ids(), &[0, 7]);
         assert_eq!(madt.x2apic_cpus, 1);
+    }
+
+    /// A GAS: space, width, bit offset, access size, address.
+    fn gas(space: u8, width: u8, offset: u8, access: u8, address: u64) -> [u8; 12] {
+        let mut g = [space, width, offset, access, 0, 0, 0, 0, 0, 0, 0, 0];
+        g[4..].copy_from_slice(&address.to_le_bytes());
+        g
+    }
+
+    /// The body (after the header) of a revision 6 FADT (276 bytes) with these fields.
+    fn fadt_body(flags: u32, sleep_control: [u8; 12], x_dsdt: u64, dsdt: u32) -> Vec<u8> {
+        let mut b = std::vec![0u8; 276 - 36];
+        let at = |offset: usize| offset - 36;
+        b[at(40)..at(44)].copy_from_slice(&dsdt.to_le_bytes());
+        b[at(112)..at(116)].copy_from_slice(&flags.to_le_bytes());
+        b[at(140)..at(148)].copy_from_slice(&x_dsdt.to_le_bytes());
+        b[at(244)..at(256)].copy_from_slice(&sleep_control);
+        b
+    }
+
+    /// `Name (\_S5_, Package () { 5, 0, 0, 0 })` after a `Name (_S4_, ...)`, as cgvm emits it.
+    const S5_AML: &[u8] = b"\x08_S4_\x01\x08\\_S5_\x12\x07\x04\x0a\x05\x00\x00\x00";
+    /// The FADT's address in [`s5_platform`].
+    const FADT_ADDR: u64 = 0xe0100;
+    /// The DSDT's address in [`s5_platform`].
+    const DSDT_ADDR: u64 = 0xe0400;
+    /// cgvm's flags: HW_REDUCED_ACPI, RESET_REG_SUP, PWR_BUTTON, SLP_BUTTON.
+    const HW_REDUCED_FLAGS: u32 = (1 << 20) | (1 << 10) | (1 << 4) | (1 << 5);
+
+    /// The MADT's address in [`s5_platform`].
+    const MADT_ADDR: u64 = 0xe0300;
+
+    /// RSDP at 0xe0000, XSDT at 0xe0040 listing `fadt` at 0xe0100 and a MADT at 0xe0300;
+    /// `dsdt` at 0xe0400.
+    fn s5_platform(fadt: &[u8], dsdt: &[u8]) -> TestMem {
+        let mut mem = TestMem::new(0xe0000, 0x20000);
+        mem.write(0xe0000, &rsdp(0xe0040));
+        let mut xsdt_body = Vec::new();
+        xsdt_body.extend_from_slice(&FADT_ADDR.to_le_bytes());
+        xsdt_body.extend_from_slice(&MADT_ADDR.to_le_bytes());
+        mem.write(0xe0040, &table(b"XSDT", &xsdt_body));
+        mem.write(FADT_ADDR, fadt);
+        mem.write(MADT_ADDR, &table(b"APIC", &madt_body(&[(0, 1)])));
+        mem.write(DSDT_ADDR, dsdt);
+        mem
+    }
+
+    fn cgvm_fadt() -> Vec<u8> {
+        let reg = gas(GAS_SYSTEM_IO, 8, 0, 1, 0x3c0);
+        table(b"FACP", &fadt_body(HW_REDUCED_FLAGS, reg, DSDT_ADDR, 0))
+    }
+
+    #[test]
+    fn finds_s5_through_fadt_and_dsdt() {
+        let mem = s5_platform(&cgvm_fadt(), &table(b"DSDT", S5_AML));
+        let s5 = find_s5(&mem, 0xe0000).expect("S5");
+        assert_eq!(
+            s5,
+            S5 {
+                sleep_control: SleepRegister::Io(0x3c0),
+                slp_typ: 5,
+            }
+        );
+        assert_eq!(s5.sleep_control_value(), 0x34);
+
+        // X_DSDT 0: the 32-bit DSDT; a SystemMemory register in the MMIO hole.
+        let reg = gas(GAS_SYSTEM_MEMORY, 8, 0, 0, 0xfed0_0004);
+        let fadt = table(
+            b"FACP",
+            &fadt_body(HW_REDUCED_FLAGS, reg, 0, DSDT_ADDR as u32),
+        );
+        let mem = s5_platform(&fadt, &table(b"DSDT", S5_AML));
+        let s5 = find_s5(&mem, 0).expect("S5 via the 32-bit DSDT");
+        assert_eq!(s5.sleep_control, SleepRegister::Memory(0xfed0_0004));
+        assert_eq!(s5.slp_typ, 5);
+    }
+
+    #[test]
+    fn s5_needs_a_hardware_reduced_fadt_with_a_sleep_register() {
+        let dsdt = table(b"DSDT", S5_AML);
+        let io = gas(GAS_SYSTEM_IO, 8, 0, 1, 0x3c0);
+        let find = |fadt: &[u8], dsdt: &[u8]| find_s5(&s5_platform(fadt, dsdt), 0);
+
+        let fadt = table(b"FACP", &fadt_body(1 << 10, io, DSDT_ADDR, 0));
+        assert_eq!(
+            find(&fadt, &dsdt),
+            Err(AcpiError::NotHardwareReduced(1 << 10))
+        );
+
+        let mut body = fadt_body(HW_REDUCED_FLAGS, io, DSDT_ADDR, 0);
+        body.truncate(244 - 36); // an ACPI 3.0-sized FADT
+        assert_eq!(
+            find(&table(b"FACP", &body), &dsdt),
+            Err(AcpiError::FadtTooShort {
+                len: 244,
+                field: "SLEEP_CONTROL_REG",
+                need: 256
+            })
+        );
+        // The 56-byte FADT of `platform`: too short even for the flags.
+        assert!(matches!(
+            find(&table(b"FACP", &[0; 20]), &dsdt),
+            Err(AcpiError::FadtTooShort { len: 56, .. })
+        ));
+
+        let none = gas(GAS_SYSTEM_IO, 8, 0, 1, 0);
+        let fadt = table(b"FACP", &fadt_body(HW_REDUCED_FLAGS, none, DSDT_ADDR, 0));
+        assert_eq!(find(&fadt, &dsdt), Err(AcpiError::NoSleepControl));
+
+        let fadt = table(b"FACP", &fadt_body(HW_REDUCED_FLAGS, io, 0, 0));
+        assert_eq!(find(&fadt, &dsdt), Err(AcpiError::NoDsdt));
+
+        // No FADT in the root table: the XSDT's first entry points at the MADT instead.
+        let mut mem = s5_platform(&cgvm_fadt(), &dsdt);
+        mem.write(0xe0040, &table(b"XSDT", &MADT_ADDR.to_le_bytes()));
+        assert_eq!(find_s5(&mem, 0), Err(AcpiError::NoFadt));
+    }
+
+    #[test]
+    fn s5_needs_a_dsdt_with_s5() {
+        let find = |dsdt: &[u8]| find_s5(&s5_platform(&cgvm_fadt(), dsdt), 0);
+        assert_eq!(
+            find(&table(b"DSDT", b"\x08_S4_\x01")),
+            Err(AcpiError::Aml(AmlError::NoS5))
+        );
+        assert_eq!(
+            find(&table(b"DSDT", &S5_AML[..S5_AML.len() - 2])),
+            Err(AcpiError::Aml(AmlError::Truncated { offset: 6 }))
+        );
+        assert_eq!(
+            find(&table(b"SSDT", S5_AML)),
+            Err(AcpiError::WrongSignature {
+                addr: DSDT_ADDR,
+                expected: *b"DSDT",
+                found: *b"SSDT"
+            })
+        );
+        let mut dsdt = table(b"DSDT", S5_AML);
+        dsdt[40] ^= 1;
+        assert_eq!(
+            find(&dsdt),
+            Err(AcpiError::TableChecksum(*b"DSDT", DSDT_ADDR))
+        );
+    }
+
+    #[test]
+    fn reads_and_checks_the_sleep_control_gas() {
+        let raw = gas(GAS_SYSTEM_IO, 8, 0, 1, 0x3c0);
+        let g = Gas::read(&raw).expect("12 bytes");
+        assert_eq!(
+            g,
+            Gas {
+                space_id: 1,
+                bit_width: 8,
+                bit_offset: 0,
+                access_size: 1,
+                address: 0x3c0
+            }
+        );
+        assert_eq!(Gas::read(&raw[..11]), None);
+        assert_eq!(SleepRegister::from_gas(&g), Ok(SleepRegister::Io(0x3c0)));
+
+        let check = |raw: [u8; 12]| SleepRegister::from_gas(&Gas::read(&raw).expect("GAS"));
+        let bad = |raw: [u8; 12], why| {
+            assert_eq!(
+                check(raw),
+                Err(AcpiError::BadSleepControl(
+                    Gas::read(&raw).expect("GAS"),
+                    why
+                ))
+            );
+        };
+        bad(gas(1, 8, 0, 1, 0x1_0000), "I/O port above 0xffff");
+        bad(gas(1, 16, 0, 2, 0x3c0), "not an 8-bit register at bit 0");
+        bad(gas(1, 8, 1, 1, 0x3c0), "not an 8-bit register at bit 0");
+        bad(gas(1, 8, 0, 3, 0x3c0), "access size is not byte");
+        bad(
+            gas(0, 8, 0, 1, 0x10_0000),
+            "memory outside 0xc0000000..4 GiB, where the probe maps devices",
+        );
+        bad(
+            gas(0, 8, 0, 1, 1 << 32),
+            "memory outside 0xc0000000..4 GiB, where the probe maps devices",
+        );
+        bad(
+            gas(2, 8, 0, 1, 0xcf8),
+            "address space is neither SystemIO nor SystemMemory",
+        );
+        assert_eq!(
+            check(gas(0, 8, 0, 0, 0xffff_ffff)),
+            Ok(SleepRegister::Memory(0xffff_ffff))
+        );
+        assert_eq!(check(gas(0, 8, 0, 1, 0)), Err(AcpiError::NoSleepControl));
+    }
+
+    #[test]
+    fn sleep_control_value_keeps_the_low_slp_typ_bits() {
+        assert_eq!(sleep_control_value(5), 0x34);
+        assert_eq!(sleep_control_value(0), 0x20);
+        assert_eq!(sleep_control_value(7), 0x3c);
+        assert_eq!(sleep_control_value(0x105), 0x34);
+        assert_eq!(sleep_control_value(u16::MAX), 0x3c);
     }
 }

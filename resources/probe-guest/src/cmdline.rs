@@ -3,7 +3,8 @@
 //! The command line is space-separated words; a word `key=value` sets `key` (the last one wins,
 //! as in Linux). Keys the probe reads:
 //! - `probe.tests=a,b,c`: the checks to run, in order;
-//! - `probe.exit=N` (0..=255) or `probe.exit=reset`: how to end, whatever the results;
+//! - `probe.exit=N` (0..=255), `probe.exit=reset` or `probe.exit=poweroff`: how to end,
+//!   whatever the results;
 //! - `probe.mem=MiB`, `probe.cpus=N`: expected memory size and CPU count for the boot check.
 //!
 //! Other words are ignored, except unknown `probe.*` keys, which the caller reports.
@@ -69,6 +70,7 @@ impl<'a> Args<'a> {
                 b"probe.exit" => {
                     args.exit = Some(match raw {
                         b"reset" => Ok(Ending::Reset),
+                        b"poweroff" => Ok(Ending::Poweroff),
                         _ => parse_decimal(raw)
                             .and_then(|n| u8::try_from(n).ok())
                             .map(Ending::Status)
@@ -124,6 +126,14 @@ mod tests {
         assert_eq!(
             Args::parse(b"probe.exit=reset").exit,
             Some(Ok(Ending::Reset))
+        );
+        assert_eq!(
+            Args::parse(b"probe.exit=poweroff").exit,
+            Some(Ok(Ending::Poweroff))
+        );
+        assert_eq!(
+            Args::parse(b"probe.exit=Poweroff").exit,
+            Some(Err(&b"Poweroff"[..]))
         );
         assert_eq!(
             Args::parse(b"probe.exit=255").exit,

@@ -1,7 +1,7 @@
 //! x86 port I/O, used from ring 3 (the start code grants IOPL 3).
 //!
 //! Only the device modules call these (`serial`, `cmos`, `exit`); each wraps the ports of one
-//! legacy device in safe functions.
+//! device in safe functions.
 //!
 //! Keep to the register forms (`in al, dx` / `out dx, al`, and the 16/32-bit `dx` forms): where
 //! ring 3 cannot do port I/O (PVM), the start code's #GP handler emulates exactly these.
@@ -12,8 +12,8 @@ use core::arch::asm;
 ///
 /// # Safety
 /// The write must not make a device change memory that Rust code relies on (for example, start a
-/// DMA transfer into it). Port writes to COM1, the CMOS RTC, the exit device and the i8042 are
-/// always fine.
+/// DMA transfer into it). Port writes to COM1, the CMOS RTC, the exit device, the i8042 and the
+/// ACPI sleep control register are always fine.
 pub unsafe fn outb(port: u16, value: u8) {
     // SAFETY: `out` touches no memory; the caller vouches for the device-side effect.
     unsafe {

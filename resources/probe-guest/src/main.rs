@@ -8,7 +8,8 @@
 //! - `main` (this file): `probe_main`, the ring-3 entry: reads the zero page and the command
 //!   line, runs the requested checks, prints the summary, ends the run; the panic handler;
 //! - `checks`: the check registry and the checks (`checks::boot`, ...);
-//! - `bootparams`, `cmdline`, `acpi`: parsing what the VMM provides (pure, unit-tested);
+//! - `bootparams`, `cmdline`, `acpi`, `aml`: parsing what the VMM provides (pure,
+//!   unit-tested);
 //! - `phys`: bounds-checked reads of guest memory;
 //! - `serial`, `cmos`, `boottimer`, `exit`, `io`: the devices, by port or MMIO;
 //! - `text`: formatting without allocation; `rt`: `memcpy` & co. for the linker.
@@ -21,6 +22,7 @@
 #![cfg_attr(test, allow(dead_code))]
 
 mod acpi;
+mod aml;
 mod bootparams;
 mod boottimer;
 mod checks;
@@ -92,11 +94,23 @@ fn run(zero_page: u64) -> Ending {
     }
     if let Some(Err(raw)) = args.exit {
         println!(
-            "probe: FAIL probe.exit={}: expected 0..255 or reset",
+            "probe: FAIL probe.exit={}: expected 0..255, reset or poweroff",
             Escaped(raw)
         );
         failed += 1;
     }
+    // Found before the checks run, so that a platform without S5 fails like a bad probe.exit.
+    let s5 = match args.exit {
+        Some(Ok(Ending::Poweroff)) => match acpi::find_s5(&mem, boot_params.acpi_rsdp_addr) {
+            Ok(s5) => Some(s5),
+            Err(e) => {
+                println!("probe: FAIL probe.exit=poweroff: {e}");
+                failed += 1;
+                None
+            }
+        },
+        _ => None,
+    };
     match args.tests {
         None => {
             println!("probe: FAIL no checks requested (no probe.tests= on the command line)");
@@ -114,8 +128,11 @@ fn run(zero_page: u64) -> Ending {
     }
     println!("probe: {passed} passed, {failed} failed");
 
-    match args.exit {
-        Some(Ok(ending)) => ending,
+    match (args.exit, s5) {
+        (Some(Ok(Ending::Poweroff)), Some(s5)) => exit::poweroff(&s5),
+        // No S5 in the tables (reported above).
+        (Some(Ok(Ending::Poweroff)), None) => Ending::Status(1),
+        (Some(Ok(ending)), _) => ending,
         _ => Ending::Status(u8::from(failed != 0)),
     }
 }
