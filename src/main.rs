@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use vmm::builder::{build, ConsoleIo};
-use vmm::config::{ConsoleConfig, VmConfig, DEFAULT_CMDLINE};
+use vmm::config::{ConsoleConfig, DiskConfig, VmConfig, DEFAULT_CMDLINE};
 use vmm::outcome::EXIT_VMM_ERROR;
 use vmm::timeline::{monotonic_ns, Timeline};
 
@@ -78,6 +78,20 @@ struct RunArgs {
     /// Enter an ELF kernel through its PVH entry point when it has one.
     #[arg(long)]
     pvh: bool,
+    /// A disk, PATH[,ro|,persist][,id=ID][,engine=sync|uring]; repeat for more (up to 16,
+    /// vda, vdb, ... in order). The image is never written unless `persist` is given: guest
+    /// writes go to a throw-away overlay. `ro` makes a read-only disk.
+    #[arg(long = "disk", value_name = "SPEC", value_parser = DiskConfig::parse_cli)]
+    disks: Vec<DiskConfig>,
+    /// Boot from the first disk: adds root=/dev/vda (with ro or rw) to the command line.
+    #[arg(long)]
+    root: bool,
+    /// Add a virtio-rng entropy device (backed by the host's getrandom).
+    #[arg(long)]
+    rng: bool,
+    /// Run device threads without their seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 impl RunArgs {
@@ -91,15 +105,27 @@ impl RunArgs {
             Some(t) => Some(Duration::from_secs_f64(t)),
             None => None,
         };
+        let mut cmdline = self.cmdline.clone();
+        if self.root {
+            let first = self
+                .disks
+                .first()
+                .ok_or("--root needs a --disk to boot from")?;
+            let mode = if first.read_only { "ro" } else { "rw" };
+            cmdline = format!("{cmdline} root=/dev/vda {mode}");
+        }
         Ok(VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
-            cmdline: self.cmdline.clone(),
+            cmdline,
             vcpus: self.cpus,
             mem_mib: self.memory,
             console: self.console.clone(),
             timeout,
             pvh: self.pvh,
+            rng: self.rng,
+            disks: self.disks.clone(),
+            seccomp: !self.no_seccomp,
         })
     }
 }
@@ -112,7 +138,19 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
 fn main() -> ExitCode {
     let start = Instant::now();
     let start_ns = monotonic_ns();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; a bad option is cgvm's 125.
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EXIT_VMM_ERROR as u8),
+            };
+        }
+    };
     logger::init(cli.log_level);
     if let Err(e) = vmm::runner::block_exit_signals() {
         eprintln!("cgvm: error: cannot block signals: {e}");
@@ -144,6 +182,9 @@ fn run(args: &RunArgs, timeline: Arc<Timeline>) -> i32 {
             return EXIT_VMM_ERROR;
         }
     };
+    if !config.seccomp {
+        log::warn!("seccomp filters are off (--no-seccomp): device threads are not confined");
+    }
     let raw = if read_stdin {
         vmm::console::RawTerminal::enter()
     } else {

@@ -96,6 +96,19 @@ fn an_initrd_too_large_for_guest_memory_is_refused() {
 }
 
 #[test]
+fn malformed_options_are_refused_with_125() {
+    let k = probe_elf().to_str().unwrap().to_owned();
+    refused(
+        &["--kernel", &k, "--disk", "/x,bogus"],
+        "unknown option 'bogus'",
+    );
+    refused(&["--kernel", &k, "--disk", "/x,ro,persist"], "contradict");
+    refused(&["--kernel", &k, "--root"], "--root needs a --disk");
+    refused(&["--kernel", &k, "--cpus", "many"], "invalid value");
+    refused(&["--kernel", &k, "--no-such-flag"], "unexpected argument");
+}
+
+#[test]
 fn help_documents_the_exit_statuses() {
     let mut c = cgvm();
     c.args(["run", "--help"]);

@@ -7,4 +7,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod rate_limiter;
+pub mod seccomp;
 pub mod stop;
+pub mod virtio;

@@ -13,6 +13,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{ConfigError, ConsoleConfig, VmConfig};
+use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::runner::{ConsoleInput, Vmm};
 use crate::timeline::Timeline;
 use crate::vstate::vcpu::{self, BootEntry, VcpuShared};
@@ -48,6 +49,9 @@ pub enum BuildError {
     /// A device could not be placed.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    /// A virtio device could not be placed.
+    #[error(transparent)]
+    Virtio(#[from] DeviceManagerError),
     /// The console file or another host resource.
     #[error("{what}: {source}")]
     Io {
@@ -145,30 +149,6 @@ pub fn build(
         Some(p) => Some(loader::load_initrd(mem, p, kernel.end, initrd_limit)?),
         None => None,
     };
-    boot::params::write_cmdline(mem, &config.cmdline, cmdline_limit)?;
-    let rsdp = boot::acpi::create_acpi_tables(
-        mem,
-        &boot::acpi::AcpiConfig {
-            num_cpus: config.vcpus,
-            virtio_mmio_devices: Vec::new(),
-        },
-    )?;
-    let boot_info = match kernel.mode {
-        EntryMode::Linux64 => {
-            boot::params::write_zero_page(
-                mem,
-                kernel.setup_header,
-                config.cmdline.len(),
-                initrd,
-                Some(rsdp),
-                mem_size,
-            )?;
-            GuestAddress(layout::ZERO_PAGE_START)
-        }
-        EntryMode::Pvh => boot::params::write_pvh_start_info(mem, initrd, Some(rsdp), mem_size)?,
-    };
-    boot::regs::write_boot_tables(mem, kernel.mode)?;
-
     // Devices.
     let stop = StopNotifier::new().map_err(io_err("cannot create the stop eventfd"))?;
     let mut pio = Bus::new();
@@ -228,6 +208,54 @@ pub fn build(
         layout::BOOT_TIMER_START,
         legacy::BOOT_TIMER_LEN,
     )?;
+
+    // Virtio devices.
+    devices::seccomp::set_enabled(config.seccomp);
+    let mut virtio = MmioDeviceManager::new();
+    if !config.disks.is_empty() {
+        return Err(BuildError::Io {
+            what: "disks".into(),
+            source: std::io::Error::other("virtio-blk is not in this build yet"),
+        });
+    }
+    if config.rng {
+        virtio.add(
+            &vm,
+            mem,
+            &mut mmio,
+            Box::new(devices::virtio::rng::Rng::new()),
+        )?;
+    }
+
+    // What the guest reads at entry: command line (with the devices), ACPI, boot params.
+    let cmdline = std::iter::once(config.cmdline.clone())
+        .chain(virtio.cmdline_entries())
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    boot::params::write_cmdline(mem, &cmdline, cmdline_limit)?;
+    let rsdp = boot::acpi::create_acpi_tables(
+        mem,
+        &boot::acpi::AcpiConfig {
+            num_cpus: config.vcpus,
+            virtio_mmio_devices: virtio.acpi_devices(),
+        },
+    )?;
+    let boot_info = match kernel.mode {
+        EntryMode::Linux64 => {
+            boot::params::write_zero_page(
+                mem,
+                kernel.setup_header,
+                cmdline.len(),
+                initrd,
+                Some(rsdp),
+                mem_size,
+            )?;
+            GuestAddress(layout::ZERO_PAGE_START)
+        }
+        EntryMode::Pvh => boot::params::write_pvh_start_info(mem, initrd, Some(rsdp), mem_size)?,
+    };
+    boot::regs::write_boot_tables(mem, kernel.mode)?;
 
     let console_input = match console.read_stdin {
         false => None,

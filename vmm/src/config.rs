@@ -8,6 +8,86 @@ use serde::{Deserialize, Serialize};
 
 /// Most vCPUs a machine may have.
 pub const MAX_VCPUS: u8 = 32;
+/// Most disks a machine may have.
+pub const MAX_DISKS: usize = 16;
+/// Longest drive id (the virtio-blk serial is 20 bytes).
+pub const MAX_DISK_ID_LEN: usize = 20;
+
+/// How a disk's I/O is done on its device thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockEngine {
+    /// pread/pwrite/fdatasync on the device thread.
+    Sync,
+    /// io_uring: requests in flight together, completions through an eventfd.
+    #[default]
+    Uring,
+}
+
+/// One disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The image file (raw).
+    pub path: PathBuf,
+    /// The guest may not write.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Guest writes go to a throw-away overlay; the file is never written.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// The drive id, also the serial GET_ID returns; `diskN` when not given.
+    pub id: Option<String>,
+    /// The I/O engine.
+    #[serde(default)]
+    pub engine: BlockEngine,
+}
+
+impl DiskConfig {
+    /// Parses the CLI form `PATH[,ro|,persist][,id=ID][,engine=sync|uring]`. Disks given on
+    /// the command line are ephemeral unless `persist` (or `ro`) says otherwise.
+    pub fn parse_cli(spec: &str) -> Result<Self, String> {
+        let mut parts = spec.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("--disk needs a path")?;
+        let mut d = DiskConfig {
+            path: PathBuf::from(path),
+            read_only: false,
+            ephemeral: true,
+            id: None,
+            engine: BlockEngine::default(),
+        };
+        let mut persist = false;
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" => d.read_only = true,
+                None if opt == "persist" => persist = true,
+                Some(("id", id)) => d.id = Some(id.to_string()),
+                Some(("engine", "sync")) => d.engine = BlockEngine::Sync,
+                Some(("engine", "uring")) => d.engine = BlockEngine::Uring,
+                Some(("engine", e)) => {
+                    return Err(format!(
+                        "--disk {spec}: engine '{e}': expected sync or uring"
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                    "--disk {spec}: unknown option '{opt}' (ro, persist, id=ID, engine=sync|uring)"
+                ))
+                }
+            }
+        }
+        if d.read_only && persist {
+            return Err(format!(
+                "--disk {spec}: 'ro' and 'persist' contradict each other"
+            ));
+        }
+        d.ephemeral = !persist && !d.read_only;
+        Ok(d)
+    }
+}
 /// Kernel command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -59,6 +139,19 @@ pub struct VmConfig {
     /// Use an ELF kernel's PVH entry when it has one (32-bit entry; needs hardware
     /// virtualization). Off: the 64-bit Linux entry.
     pub pvh: bool,
+    /// A virtio-rng entropy device.
+    #[serde(default)]
+    pub rng: bool,
+    /// Disks, in the order the guest sees them (vda, vdb, ...).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// Install the seccomp filters (off only for debugging).
+    #[serde(default = "default_true")]
+    pub seccomp: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for VmConfig {
@@ -72,6 +165,9 @@ impl Default for VmConfig {
             console: ConsoleConfig::Tty,
             timeout: None,
             pvh: false,
+            rng: false,
+            disks: Vec::new(),
+            seccomp: true,
         }
     }
 }
@@ -102,6 +198,12 @@ pub enum ConfigError {
     /// A zero timeout.
     #[error("timeout must be more than 0 seconds")]
     TimeoutZero,
+    /// Too many disks.
+    #[error("{0} disks given; a machine has at most {MAX_DISKS}")]
+    TooManyDisks(usize),
+    /// A drive id that is too long, empty, or used twice.
+    #[error("drive id '{0}': ids must be 1 to {MAX_DISK_ID_LEN} bytes and unique")]
+    BadDiskId(String),
 }
 
 /// The host's physical memory in MiB, from /proc/meminfo.
@@ -138,7 +240,25 @@ impl VmConfig {
         if self.timeout == Some(Duration::ZERO) {
             return Err(ConfigError::TimeoutZero);
         }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(self.disks.len()));
+        }
+        let ids = self.disk_ids();
+        for (i, id) in ids.iter().enumerate() {
+            if id.is_empty() || id.len() > MAX_DISK_ID_LEN || ids[..i].contains(id) {
+                return Err(ConfigError::BadDiskId(id.clone()));
+            }
+        }
         Ok(())
+    }
+
+    /// Each disk's id: its own, or `diskN`.
+    pub fn disk_ids(&self) -> Vec<String> {
+        self.disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| d.id.clone().unwrap_or_else(|| format!("disk{i}")))
+            .collect()
     }
 
     /// Guest memory in bytes.
@@ -191,6 +311,64 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("more than this host's"), "{e}");
         assert!(VmConfig { vcpus: 32, ..ok() }.validate().is_ok());
+    }
+
+    #[test]
+    fn disk_specs_parse_with_ephemeral_as_the_cli_default() {
+        let d = DiskConfig::parse_cli("/img.raw").unwrap();
+        assert!(d.ephemeral && !d.read_only);
+        assert_eq!(d.engine, BlockEngine::Uring);
+        let d = DiskConfig::parse_cli("/img.raw,persist,id=root,engine=sync").unwrap();
+        assert!(!d.ephemeral && !d.read_only);
+        assert_eq!(
+            (d.id.as_deref(), d.engine),
+            (Some("root"), BlockEngine::Sync)
+        );
+        let d = DiskConfig::parse_cli("/img.raw,ro").unwrap();
+        assert!(d.read_only && !d.ephemeral);
+        for bad in [
+            "",
+            ",ro",
+            "/i,ro,persist",
+            "/i,engine=aio",
+            "/i,bogus",
+            "/i,id",
+        ] {
+            assert!(DiskConfig::parse_cli(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn disk_counts_and_ids_are_validated() {
+        let disk = |id: Option<&str>| DiskConfig {
+            path: "/d".into(),
+            read_only: false,
+            ephemeral: true,
+            id: id.map(String::from),
+            engine: BlockEngine::Sync,
+        };
+        let c = VmConfig {
+            disks: vec![disk(None), disk(Some("data"))],
+            ..ok()
+        };
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.disk_ids(), ["disk0", "data"]);
+        let c = VmConfig {
+            disks: vec![disk(None); 17],
+            ..ok()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::TooManyDisks(17)));
+        let c = VmConfig {
+            disks: vec![disk(Some("a")), disk(Some("a"))],
+            ..ok()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::BadDiskId("a".into())));
+        let long = "x".repeat(21);
+        let c = VmConfig {
+            disks: vec![disk(Some(&long))],
+            ..ok()
+        };
+        assert!(c.validate().is_err());
     }
 
     #[test]

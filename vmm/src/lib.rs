@@ -10,6 +10,7 @@
 pub mod builder;
 pub mod config;
 pub mod console;
+pub mod device_manager;
 pub mod outcome;
 pub mod runner;
 pub mod timeline;

@@ -1,5 +1,5 @@
 //! Legacy platform devices: the PC ports and the one MMIO window a Linux guest expects on a
-//! minimal x86 machine, each a [`BusDevice`](crate::bus::BusDevice) with offsets relative to the
+//! minimal x86 machine, each a [`BusDevice`] with offsets relative to the
 //! base the VMM inserts it at.
 //!
 //! | device | bus | base | length | interrupt |

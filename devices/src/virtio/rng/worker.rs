@@ -1,0 +1,146 @@
+//! The virtio-rng device thread: fills each request's device-writable buffers with
+//! getrandom(2) bytes.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
+
+use crate::virtio::worker::DeviceWorker;
+use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
+
+/// The most bytes one request gets, whatever buffers it offers: a guest cannot make one
+/// request keep the thread busy.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+const QUEUE_TOKEN: u32 = 0;
+
+/// The entropy device's worker.
+pub struct RngWorker {
+    mem: GuestMemoryMmap,
+    queue: ActiveQueue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+impl RngWorker {
+    /// A worker for the request queue.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        queue: ActiveQueue,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Self {
+        Self {
+            mem,
+            queue,
+            interrupt,
+        }
+    }
+
+    fn process_queue(&mut self) -> Result<(), String> {
+        let mem = &self.mem;
+        let q = &mut self.queue.queue;
+        let mut used_any = false;
+        loop {
+            q.disable_notification(mem)
+                .map_err(|e| format!("queue: {e}"))?;
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let len = fill_chain(mem, chain);
+                q.add_used(mem, head, len)
+                    .map_err(|e| format!("used ring: {e}"))?;
+                used_any = true;
+            }
+            if !q
+                .enable_notification(mem)
+                .map_err(|e| format!("queue: {e}"))?
+            {
+                break;
+            }
+        }
+        if used_any
+            && q.needs_notification(mem)
+                .map_err(|e| format!("queue: {e}"))?
+        {
+            self.interrupt
+                .trigger(InterruptReason::Queue(self.queue.index))
+                .map_err(|e| format!("interrupt: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Fills the device-writable descriptors of `chain` with random bytes, up to
+/// [`MAX_REQUEST_BYTES`]; returns how many bytes were written. Device-readable descriptors
+/// and addresses outside guest memory end the request with what was written so far.
+pub fn fill_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    let mut written = 0usize;
+    let mut buf = vec![0u8; 4096];
+    for desc in chain {
+        if !desc.is_write_only() {
+            log::debug!("virtio-rng: device-readable descriptor in a request; request ended");
+            break;
+        }
+        let mut left = (desc.len() as usize).min(MAX_REQUEST_BYTES - written);
+        let mut addr = desc.addr();
+        while left > 0 {
+            let n = left.min(buf.len());
+            if getrandom(&mut buf[..n]).is_err() {
+                return written as u32;
+            }
+            if mem.write_slice(&buf[..n], addr).is_err() {
+                log::debug!("virtio-rng: buffer at {addr:?} is outside guest memory");
+                return written as u32;
+            }
+            written += n;
+            left -= n;
+            addr = match addr.checked_add(n as u64) {
+                Some(a) => a,
+                None => return written as u32,
+            };
+        }
+        if written >= MAX_REQUEST_BYTES {
+            break;
+        }
+    }
+    written as u32
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: getrandom writes at most the given length into the buffer we own.
+        let r = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += r as usize;
+    }
+    Ok(())
+}
+
+impl DeviceWorker for RngWorker {
+    fn kind(&self) -> &'static str {
+        "virtio-rng"
+    }
+
+    fn sources(&self) -> Vec<(RawFd, u32)> {
+        vec![(self.queue.notify.as_raw_fd(), QUEUE_TOKEN)]
+    }
+
+    fn syscalls(&self) -> &'static [i64] {
+        &[libc::SYS_getrandom]
+    }
+
+    fn handle(&mut self, token: u32) -> Result<(), String> {
+        if token == QUEUE_TOKEN {
+            let _ = self.queue.notify.read();
+            self.process_queue()?;
+        }
+        Ok(())
+    }
+}
