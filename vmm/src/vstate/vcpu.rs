@@ -230,7 +230,23 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 pub fn spawn(fd: VcpuFd, id: u8, shared: Arc<VcpuShared>) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("cgvm-vcpu{id}"))
-        .spawn(move || run(fd, id, &shared))
+        .spawn(move || {
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(fd, id, &shared)));
+            if let Err(panic) = result {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                shared.record_stop(VcpuStop {
+                    vcpu: id,
+                    reason: format!("the vCPU thread panicked: {msg}"),
+                    rip: 0,
+                    bytes: "unavailable".into(),
+                });
+            }
+        })
 }
 
 fn run(mut fd: VcpuFd, id: u8, shared: &VcpuShared) {
