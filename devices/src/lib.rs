@@ -11,3 +11,12 @@ pub mod rate_limiter;
 pub mod seccomp;
 pub mod stop;
 pub mod virtio;
+
+/// The message of a caught panic (its `&str` or `String` payload).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

@@ -138,14 +138,7 @@ fn run<W: DeviceWorker>(mut worker: W, epoll: &Epoll, stop: &EventFd) -> Ended {
             let why = match catch_unwind(AssertUnwindSafe(|| worker.handle(token))) {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => e,
-                Err(panic) => {
-                    let msg = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    format!("panicked: {msg}")
-                }
+                Err(panic) => format!("panicked: {}", crate::panic_message(panic.as_ref())),
             };
             log::error!("{kind}: {why}; the device needs a reset");
             return Ended::Broken;

@@ -234,11 +234,7 @@ pub fn spawn(fd: VcpuFd, id: u8, shared: Arc<VcpuShared>) -> std::io::Result<Joi
             let result =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(fd, id, &shared)));
             if let Err(panic) = result {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
+                let msg = devices::panic_message(panic.as_ref());
                 shared.record_stop(VcpuStop {
                     vcpu: id,
                     reason: format!("the vCPU thread panicked: {msg}"),
