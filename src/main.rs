@@ -152,6 +152,7 @@ fn main() -> ExitCode {
         }
     };
     logger::init(cli.log_level);
+    devices::install_panic_hook();
     if let Err(e) = vmm::runner::block_exit_signals() {
         eprintln!("cgvm: error: cannot block signals: {e}");
         return ExitCode::from(EXIT_VMM_ERROR as u8);

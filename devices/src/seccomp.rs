@@ -7,7 +7,10 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -42,6 +45,8 @@ pub const DEVICE_THREAD_BASE: &[i64] = &[
     libc::SYS_rt_sigprocmask,
     libc::SYS_sigaltstack,
     libc::SYS_restart_syscall,
+    libc::SYS_gettid,
+    libc::SYS_getcwd,
     libc::SYS_exit,
 ];
 
@@ -61,11 +66,25 @@ pub fn device_thread_filter(extra: &[i64]) -> Result<Option<BpfProgram>, FilterE
     if !enabled() {
         return Ok(None);
     }
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = DEVICE_THREAD_BASE
+    let err = |e: seccompiler::BackendError| FilterError(e.to_string());
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DEVICE_THREAD_BASE
         .iter()
         .chain(extra)
         .map(|&nr| (nr, Vec::new()))
         .collect();
+    // std checks that a descriptor is still open before closing it (debug builds): fcntl,
+    // but only F_GETFD.
+    let getfd = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::F_GETFD as u64,
+    )
+    .map_err(err)?;
+    rules.insert(
+        libc::SYS_fcntl,
+        vec![SeccompRule::new(vec![getfd]).map_err(err)?],
+    );
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -88,27 +107,60 @@ mod tests {
         assert!(f.is_some_and(|p| p.len() > DEVICE_THREAD_BASE.len()));
     }
 
-    #[test]
-    fn a_forbidden_syscall_kills_a_filtered_process() {
-        // Fork so that the kill hits a child, not the test runner.
+    /// Runs `call` in a forked child under the base filter; returns the signal that killed
+    /// the child, or None when it exited normally.
+    fn under_filter(call: fn()) -> Option<i32> {
         // SAFETY: the child only applies a filter and makes raw syscalls before _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            let f = device_thread_filter(&[]).ok().flatten();
-            if let Some(f) = f {
+            if let Some(f) = device_thread_filter(&[]).ok().flatten() {
                 if seccompiler::apply_filter(&f).is_ok() {
-                    // SAFETY: getpid takes no arguments; the filter forbids it.
-                    unsafe { libc::syscall(libc::SYS_getpid) };
+                    call();
+                    // SAFETY: SYS_exit ends this (only) thread of the child; it is allowed.
+                    unsafe { libc::syscall(libc::SYS_exit, 0) };
                 }
             }
             // SAFETY: _exit ends the child without running the parent's destructors.
-            unsafe { libc::_exit(0) };
+            unsafe { libc::_exit(3) };
         }
         let mut status = 0;
         // SAFETY: waitpid writes the child's status into our integer.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        assert!(libc::WIFSIGNALED(status), "status {status:#x}");
-        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+        if libc::WIFSIGNALED(status) {
+            Some(libc::WTERMSIG(status))
+        } else {
+            assert_eq!(libc::WEXITSTATUS(status), 0, "the filter was applied");
+            None
+        }
+    }
+
+    #[test]
+    fn a_forbidden_syscall_kills_a_filtered_process() {
+        // SAFETY: getpid takes no arguments; the filter forbids it.
+        assert_eq!(
+            under_filter(|| {
+                unsafe { libc::syscall(libc::SYS_getpid) };
+            }),
+            Some(libc::SIGSYS)
+        );
+    }
+
+    #[test]
+    fn fcntl_is_allowed_only_for_f_getfd() {
+        // SAFETY: fcntl on fd 0 with F_GETFD/F_SETFD reads or sets only its close-on-exec flag.
+        assert_eq!(
+            under_filter(|| {
+                unsafe { libc::fcntl(0, libc::F_GETFD) };
+            }),
+            None
+        );
+        // SAFETY: as above.
+        assert_eq!(
+            under_filter(|| {
+                unsafe { libc::fcntl(0, libc::F_SETFD, 0) };
+            }),
+            Some(libc::SIGSYS)
+        );
     }
 }

@@ -94,6 +94,7 @@ pub fn spawn<W: DeviceWorker>(
                     let _ = interrupt.trigger(InterruptReason::Config);
                     return;
                 }
+                crate::mark_confined_thread();
             }
             if run(worker, &epoll, &thread_stop) == Ended::Broken {
                 health.mark_broken();
@@ -158,5 +159,103 @@ fn wait_for_stop(epoll: &Epoll, stop: &EventFd) {
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+
+    #[derive(Default)]
+    struct CountingInterrupt {
+        config: AtomicU32,
+        queue: AtomicU32,
+    }
+
+    impl VirtioInterrupt for CountingInterrupt {
+        fn trigger(&self, reason: InterruptReason) -> std::io::Result<()> {
+            match reason {
+                InterruptReason::Config => self.config.fetch_add(1, Ordering::SeqCst),
+                InterruptReason::Queue(_) => self.queue.fetch_add(1, Ordering::SeqCst),
+            };
+            Ok(())
+        }
+    }
+
+    /// A worker that fails on its first event, by panicking or by returning an error.
+    struct Failing {
+        evt: EventFd,
+        panic: bool,
+    }
+
+    impl DeviceWorker for Failing {
+        fn kind(&self) -> &'static str {
+            "test-device"
+        }
+        fn sources(&self) -> Vec<(RawFd, u32)> {
+            vec![(self.evt.as_raw_fd(), 0)]
+        }
+        fn syscalls(&self) -> &'static [i64] {
+            &[]
+        }
+        fn handle(&mut self, _token: u32) -> Result<(), String> {
+            let _ = self.evt.read();
+            if self.panic {
+                panic!("boom");
+            }
+            Err("backend gone".into())
+        }
+    }
+
+    fn fails_into_needs_reset(panic: bool) {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(crate::install_panic_hook);
+        let health = DeviceHealth::new();
+        let intr = Arc::new(CountingInterrupt::default());
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let worker = Failing {
+            evt: evt.try_clone().unwrap(),
+            panic,
+        };
+        let handle = spawn(worker, health.clone(), intr.clone()).unwrap();
+        evt.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !health.is_broken() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            health.is_broken(),
+            "the device is marked as needing a reset"
+        );
+        assert_eq!(
+            intr.config.load(Ordering::SeqCst),
+            1,
+            "one configuration interrupt"
+        );
+        // Further notifications are ignored, and stopping still joins the thread.
+        evt.write(1).unwrap();
+        handle.stop();
+    }
+
+    #[test]
+    fn a_panicking_worker_marks_its_device_needs_reset_and_stops_cleanly() {
+        fails_into_needs_reset(true);
+    }
+
+    #[test]
+    fn a_worker_error_marks_its_device_needs_reset() {
+        fails_into_needs_reset(false);
+    }
+
+    #[test]
+    fn stopping_a_healthy_worker_joins_it() {
+        let health = DeviceHealth::new();
+        let intr = Arc::new(CountingInterrupt::default());
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let handle = spawn(Failing { evt, panic: true }, health.clone(), intr).unwrap();
+        drop(handle);
+        assert!(!health.is_broken());
     }
 }
