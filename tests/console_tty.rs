@@ -11,8 +11,8 @@ use common::*;
 
 /// Runs `cgvm_args` under `script` with `input` typed after a short delay; returns the
 /// terminal settings before and after, cgvm's status and everything on the terminal.
-fn on_a_terminal(cgvm_args: &str, input: &str) -> (String, String, String) {
-    let d = scratch("tty");
+fn on_a_terminal(name: &str, cgvm_args: &str, input: &str) -> (String, String, String) {
+    let d = scratch(&format!("tty-{name}"));
     let (before, after) = (d.join("stty.before"), d.join("stty.after"));
     let inner = format!(
         "stty -g > {b}; {cgvm} {cgvm_args}; echo cgvm-status=\\$?; stty -g > {a}",
@@ -37,6 +37,7 @@ fn ctrl_a_x_quits_and_the_terminal_is_restored() {
     let d = scratch("tty-spin");
     let k = tiny_kernel(&d, "spin.elf", &[0xeb, 0xfe]);
     let (before, after, screen) = on_a_terminal(
+        "quit",
         &format!("run --kernel {} --timeout 30", k.display()),
         "\\001x",
     );
@@ -53,6 +54,7 @@ fn ctrl_a_x_quits_and_the_terminal_is_restored() {
 fn a_guest_exit_restores_the_terminal_too() {
     let probe = probe_elf().display().to_string();
     let (before, after, screen) = on_a_terminal(
+        "guest-exit",
         &format!("run --kernel {probe} --cmdline 'probe.tests=boot probe.exit=7' --timeout 30"),
         "",
     );
@@ -77,8 +79,11 @@ const ECHO_ONE_BYTE: &[u8] = &[
 fn typed_input_reaches_the_guest() {
     let d = scratch("tty-input");
     let k = tiny_kernel(&d, "echo.elf", ECHO_ONE_BYTE);
-    let (before, after, screen) =
-        on_a_terminal(&format!("run --kernel {} --timeout 30", k.display()), "A");
+    let (before, after, screen) = on_a_terminal(
+        "typed",
+        &format!("run --kernel {} --timeout 30", k.display()),
+        "A",
+    );
     assert!(
         screen.contains("cgvm-status=65"),
         "the guest read 'A': {screen}"
