@@ -137,9 +137,9 @@ mod tests {
 
     #[test]
     fn a_forbidden_syscall_kills_a_filtered_process() {
-        // SAFETY: getpid takes no arguments; the filter forbids it.
         assert_eq!(
             under_filter(|| {
+                // SAFETY: getpid takes no arguments; the filter forbids it.
                 unsafe { libc::syscall(libc::SYS_getpid) };
             }),
             Some(libc::SIGSYS)
@@ -148,16 +148,16 @@ mod tests {
 
     #[test]
     fn fcntl_is_allowed_only_for_f_getfd() {
-        // SAFETY: fcntl on fd 0 with F_GETFD/F_SETFD reads or sets only its close-on-exec flag.
         assert_eq!(
             under_filter(|| {
+                // SAFETY: F_GETFD on fd 0 only reads its close-on-exec flag.
                 unsafe { libc::fcntl(0, libc::F_GETFD) };
             }),
             None
         );
-        // SAFETY: as above.
         assert_eq!(
             under_filter(|| {
+                // SAFETY: F_SETFD on fd 0 only sets its close-on-exec flag.
                 unsafe { libc::fcntl(0, libc::F_SETFD, 0) };
             }),
             Some(libc::SIGSYS)

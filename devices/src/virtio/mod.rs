@@ -4,6 +4,7 @@
 //! The transport (MMIO here, PCI later) owns the registers and never touches the queues
 //! once the device is active.
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
 pub mod worker;
