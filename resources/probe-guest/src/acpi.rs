@@ -1,7 +1,7 @@
 //! ACPI table parsing: the RSDP, the root table (XSDT, or RSDT for ACPI 1.0), table headers
 //! and checksums, the MADT's CPUs and IOAPICs, and what ACPI S5 (soft off) needs on a
 //! hardware-reduced platform: the FADT's flags, SLEEP_CONTROL_REG and DSDT address, and the
-//! DSDT's `\_S5_` (found by `aml`).
+//! DSDT's `\_S5_` (found by `aml`); and the DSDT itself ([`find_dsdt`]) for `discovery`.
 //!
 //! All reads go through [`Mem`] and every length is checked against the table that holds it, so
 //! a malformed table is an [`AcpiError`], never a fault. Policy (what the boot check requires)
@@ -640,21 +640,64 @@ pub fn parse_fadt(fadt: &[u8]) -> Result<FadtSleep, AcpiError> {
         .ok_or(too_short("SLEEP_CONTROL_REG", FADT_READ_LEN))?;
     let sleep_control = SleepRegister::from_gas(&gas)?;
     // Both DSDT fields lie before SLEEP_CONTROL_REG, so they are there.
+    let dsdt = fadt_dsdt(fadt)?;
+    Ok(FadtSleep {
+        sleep_control,
+        dsdt,
+    })
+}
+
+/// The DSDT's address from the FADT's first bytes: X_DSDT, or DSDT when X_DSDT is 0 or the
+/// FADT is too short for it (ACPI 1.0).
+pub fn fadt_dsdt(fadt: &[u8]) -> Result<u64, AcpiError> {
     let x_dsdt = fadt
         .get(FADT_X_DSDT..FADT_X_DSDT + 8)
         .and_then(|b| b.try_into().ok())
         .map_or(0, u64::from_le_bytes);
     let dsdt = match x_dsdt {
-        0 => u64::from(u32_at(FADT_DSDT).unwrap_or(0)),
+        0 => fadt
+            .get(FADT_DSDT..FADT_DSDT + 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, |b| u64::from(u32::from_le_bytes(b))),
         x => x,
     };
     if dsdt == 0 {
         return Err(AcpiError::NoDsdt);
     }
-    Ok(FadtSleep {
-        sleep_control,
-        dsdt,
-    })
+    Ok(dsdt)
+}
+
+/// Reads and checks the table at `addr`, which the FADT says is the DSDT.
+fn read_dsdt(mem: &impl Mem, addr: u64) -> Result<SdtHeader, AcpiError> {
+    let dsdt = read_table(mem, addr)?;
+    if &dsdt.signature != b"DSDT" {
+        return Err(AcpiError::WrongSignature {
+            addr: dsdt.addr,
+            expected: *b"DSDT",
+            found: dsdt.signature,
+        });
+    }
+    Ok(dsdt)
+}
+
+/// Finds the DSDT: RSDP (at `rsdp_hint`, else by scanning) → XSDT/RSDT → FADT → X_DSDT/DSDT,
+/// every table checksummed on the way. Nothing about sleep states is required here.
+pub fn find_dsdt(mem: &impl Mem, rsdp_hint: u64) -> Result<SdtHeader, AcpiError> {
+    let rsdp = find_rsdp(mem, rsdp_hint)?;
+    let root = root_table(mem, &rsdp)?;
+    let fadt = tables(mem, &root)?.fadt.ok_or(AcpiError::NoFadt)?;
+    let mut bytes = [0u8; FADT_X_DSDT + 8];
+    let n = (fadt.length as usize).min(bytes.len());
+    mem.read(fadt.addr, &mut bytes[..n])?;
+    read_dsdt(mem, fadt_dsdt(&bytes[..n])?)
+}
+
+/// The AML of the DSDT (or any definition block) `table`: where it starts and how long it is.
+pub fn aml_of(table: &SdtHeader) -> (u64, usize) {
+    (
+        table.addr + u64::from(SDT_HEADER_LEN),
+        (table.length - SDT_HEADER_LEN) as usize,
+    )
 }
 
 /// The sleep control register value that enters sleep type `slp_typ`: SLP_TYP in bits 2..4
@@ -690,16 +733,8 @@ pub fn find_s5(mem: &impl Mem, rsdp_hint: u64) -> Result<S5, AcpiError> {
     let n = (fadt.length as usize).min(FADT_READ_LEN);
     mem.read(fadt.addr, &mut bytes[..n])?;
     let sleep = parse_fadt(&bytes[..n])?;
-    let dsdt = read_table(mem, sleep.dsdt)?;
-    if &dsdt.signature != b"DSDT" {
-        return Err(AcpiError::WrongSignature {
-            addr: dsdt.addr,
-            expected: *b"DSDT",
-            found: dsdt.signature,
-        });
-    }
-    let aml_start = dsdt.addr + u64::from(SDT_HEADER_LEN);
-    let aml_len = (dsdt.length - SDT_HEADER_LEN) as usize;
+    let dsdt = read_dsdt(mem, sleep.dsdt)?;
+    let (aml_start, aml_len) = aml_of(&dsdt);
     let slp_typ = aml::find_s5_in(aml_len, |at, buf: &mut [u8]| {
         mem.read(aml_start + at as u64, buf)
             .map_err(AcpiError::from)
@@ -1031,5 +1066,18 @@ mod tests {
         assert_eq!(sleep_control_value(7), 0x3c);
         assert_eq!(sleep_control_value(0x105), 0x34);
         assert_eq!(sleep_control_value(u16::MAX), 0x3c);
+    }
+
+    #[test]
+    fn fadt_dsdt_prefers_x_dsdt() {
+        let mut fadt = std::vec![0u8; FADT_X_DSDT + 8];
+        assert_eq!(fadt_dsdt(&fadt), Err(AcpiError::NoDsdt));
+        fadt[FADT_DSDT..FADT_DSDT + 4].copy_from_slice(&0xe0100u32.to_le_bytes());
+        assert_eq!(fadt_dsdt(&fadt), Ok(0xe0100));
+        // An ACPI 1.0 FADT, too short for X_DSDT.
+        assert_eq!(fadt_dsdt(&fadt[..FADT_X_DSDT]), Ok(0xe0100));
+        fadt[FADT_X_DSDT..].copy_from_slice(&0x1_0000_0000u64.to_le_bytes());
+        assert_eq!(fadt_dsdt(&fadt), Ok(0x1_0000_0000));
+        assert_eq!(fadt_dsdt(&[]), Err(AcpiError::NoDsdt));
     }
 }

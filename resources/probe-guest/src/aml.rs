@@ -13,6 +13,8 @@
 //!
 //! The parser ([`scan`]) is a pure function over a byte slice, unit-tested on the host. A table
 //! is read in overlapping windows ([`find_s5_in`]), so that a large DSDT needs no large buffer.
+//! [`pkg_length`] decodes a PkgLength; `discovery` uses it too, for its scan of `Device`
+//! objects.
 
 use core::fmt;
 
@@ -181,27 +183,14 @@ fn parse_package(aml: &[u8], offset: usize, pkg_op: usize) -> Result<S5Package, 
     if op != PACKAGE_OP {
         return Err(AmlError::NotPackage { offset, op });
     }
-    // PkgLength: bits 6..7 of the lead byte count the bytes that follow. Alone, the lead byte's
-    // bits 0..5 are the length; with followers, its bits 0..3 are the low nibble (bits 4..5
-    // reserved) and each follower adds 8 more bits.
     let pkg_start = pkg_op + 1;
-    let lead = byte(pkg_start)?;
-    let followers = usize::from(lead >> 6);
-    let len = if followers == 0 {
-        u32::from(lead & 0x3f)
-    } else {
-        if lead & 0x30 != 0 {
-            return Err(AmlError::BadPkgLength { offset, lead });
-        }
-        let mut len = u32::from(lead & 0x0f);
-        for k in 0..followers {
-            len |= u32::from(byte(pkg_start + 1 + k)?) << (4 + 8 * k);
-        }
-        len
-    };
+    let (len, pkg_bytes) = pkg_length(aml, pkg_start).map_err(|e| match e {
+        PkgLengthError::Truncated => AmlError::Truncated { offset },
+        PkgLengthError::Reserved(lead) => AmlError::BadPkgLength { offset, lead },
+    })?;
     // The PkgLength counts itself, NumElements and the elements.
     let end = pkg_start + len as usize;
-    let num_elements = pkg_start + 1 + followers;
+    let num_elements = pkg_start + pkg_bytes;
     if byte(num_elements)? == 0 {
         return Err(AmlError::EmptyPackage { offset });
     }
@@ -224,6 +213,38 @@ fn parse_package(aml: &[u8], offset: usize, pkg_op: usize) -> Result<S5Package, 
         slp_typ_a,
         end,
     })
+}
+
+/// Why a PkgLength could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PkgLengthError {
+    /// The AML ends inside it.
+    Truncated,
+    /// A multi-byte PkgLength with its reserved bits 4..5 set; this is the lead byte.
+    Reserved(u8),
+}
+
+/// Reads the PkgLength at `aml[at..]`: its value (which counts the PkgLength's own bytes and
+/// what follows it in the package) and how many bytes it takes (1..=4).
+///
+/// Bits 6..7 of the lead byte count the bytes that follow. Alone, the lead byte's bits 0..5 are
+/// the length; with followers, its bits 0..3 are the low nibble (bits 4..5 reserved) and each
+/// follower adds 8 more bits.
+pub fn pkg_length(aml: &[u8], at: usize) -> Result<(u32, usize), PkgLengthError> {
+    let byte = |i: usize| aml.get(i).copied().ok_or(PkgLengthError::Truncated);
+    let lead = byte(at)?;
+    let followers = usize::from(lead >> 6);
+    if followers == 0 {
+        return Ok((u32::from(lead & 0x3f), 1));
+    }
+    if lead & 0x30 != 0 {
+        return Err(PkgLengthError::Reserved(lead));
+    }
+    let mut len = u32::from(lead & 0x0f);
+    for k in 0..followers {
+        len |= u32::from(byte(at + 1 + k)?) << (4 + 8 * k);
+    }
+    Ok((len, 1 + followers))
 }
 
 /// Finds SLP_TYPa in `len` bytes of AML that `read(offset, buf)` fills `buf` from, a window of

@@ -5,7 +5,9 @@
 //! - `probe.tests=a,b,c`: the checks to run, in order;
 //! - `probe.exit=N` (0..=255), `probe.exit=reset` or `probe.exit=poweroff`: how to end,
 //!   whatever the results;
-//! - `probe.mem=MiB`, `probe.cpus=N`: expected memory size and CPU count for the boot check.
+//! - `probe.mem=MiB`, `probe.cpus=N`: expected memory size and CPU count for the boot check;
+//! - `probe.blk_id=a,b,...`: the ids the blk check expects of the disks, in order;
+//! - `probe.blk_sector=N`: the sector the blk check writes and reads (default 0).
 //!
 //! Other words are ignored, except unknown `probe.*` keys, which the caller reports.
 
@@ -25,10 +27,21 @@ pub struct Args<'a> {
     pub mem_mib: Setting<'a, u64>,
     /// `probe.cpus`.
     pub cpus: Setting<'a, u32>,
+    /// `probe.blk_id`: the raw comma-separated list (empty items count).
+    pub blk_id: Option<&'a [u8]>,
+    /// `probe.blk_sector`.
+    pub blk_sector: Setting<'a, u64>,
 }
 
 /// Keys the probe knows.
-const KNOWN_KEYS: [&[u8]; 4] = [b"probe.tests", b"probe.exit", b"probe.mem", b"probe.cpus"];
+const KNOWN_KEYS: [&[u8]; 6] = [
+    b"probe.tests",
+    b"probe.exit",
+    b"probe.mem",
+    b"probe.cpus",
+    b"probe.blk_id",
+    b"probe.blk_sector",
+];
 
 /// The command line's words.
 pub fn words(cmdline: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -38,7 +51,7 @@ pub fn words(cmdline: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// Splits a word into key and value (`None` when it has no `=`).
-fn key_value(word: &[u8]) -> (&[u8], Option<&[u8]>) {
+pub fn key_value(word: &[u8]) -> (&[u8], Option<&[u8]>) {
     match word.iter().position(|&b| b == b'=') {
         Some(i) => (&word[..i], Some(&word[i + 1..])),
         None => (word, None),
@@ -85,6 +98,8 @@ impl<'a> Args<'a> {
                             .ok_or(raw),
                     )
                 }
+                b"probe.blk_id" => args.blk_id = Some(raw),
+                b"probe.blk_sector" => args.blk_sector = Some(parse_decimal(raw).ok_or(raw)),
                 _ => {}
             }
         }
@@ -117,6 +132,8 @@ mod tests {
         assert_eq!(args.mem_mib, Some(Ok(256)));
         assert_eq!(args.cpus, Some(Ok(2)));
         assert_eq!(args.exit, Some(Ok(Ending::Status(7))));
+        assert_eq!(args.blk_id, None);
+        assert_eq!(args.blk_sector, None);
         let names: Vec<&[u8]> = test_names(args.tests.unwrap_or_default()).collect();
         assert_eq!(names, [&b"boot"[..], &b"blk"[..]]);
     }
@@ -163,5 +180,21 @@ mod tests {
         assert_eq!(names, [&b"boot"[..]]);
         // A bare `probe.tests` (no '=') means an empty list.
         assert_eq!(Args::parse(line).tests, Some(&b""[..]));
+    }
+
+    #[test]
+    fn blk_keys() {
+        let args = Args::parse(b"probe.blk_id=data,,x probe.blk_sector=4096");
+        assert_eq!(args.blk_id, Some(&b"data,,x"[..]));
+        assert_eq!(args.blk_sector, Some(Ok(4096)));
+        assert_eq!(
+            Args::parse(b"probe.blk_sector=0x10").blk_sector,
+            Some(Err(&b"0x10"[..]))
+        );
+        assert_eq!(Args::parse(b"probe.blk_id=").blk_id, Some(&b""[..]));
+        assert_eq!(
+            unknown_probe_keys(b"probe.blk_id=a probe.blk_sector=1 probe.blk=2").count(),
+            1
+        );
     }
 }

@@ -7,11 +7,16 @@
 //!   the `iretq` to ring 3 where everything else runs (see README.md for why);
 //! - `main` (this file): `probe_main`, the ring-3 entry: reads the zero page and the command
 //!   line, runs the requested checks, prints the summary, ends the run; the panic handler;
-//! - `checks`: the check registry and the checks (`checks::boot`, ...);
+//! - `checks`: the check registry and the checks (`checks::boot`, `checks::blk`,
+//!   `checks::rng`);
 //! - `bootparams`, `cmdline`, `acpi`, `aml`: parsing what the VMM provides (pure,
 //!   unit-tested);
+//! - `discovery`: the virtio-mmio devices, from the command line and from the DSDT;
+//! - `virtio`: the polling virtio driver core (initialization, split queues, DMA memory) and
+//!   the virtio-mmio transport;
 //! - `phys`: bounds-checked reads of guest memory;
 //! - `serial`, `cmos`, `boottimer`, `exit`, `io`: the devices, by port or MMIO;
+//! - `tsc`: time for bounded waits;
 //! - `text`: formatting without allocation; `rt`: `memcpy` & co. for the linker.
 //!
 //! `cargo test` (via `build.sh --test`) builds the crate for the host with std, without the
@@ -28,6 +33,7 @@ mod boottimer;
 mod checks;
 mod cmdline;
 mod cmos;
+mod discovery;
 mod exit;
 mod io;
 mod phys;
@@ -37,6 +43,8 @@ mod serial;
 #[cfg(not(test))]
 mod start;
 mod text;
+mod tsc;
+mod virtio;
 
 use bootparams::BootParams;
 use checks::{Context, Report};

@@ -14,7 +14,8 @@
 //! 2. loads its own page tables: 0..4 GiB identity-mapped with 2 MiB pages, every level
 //!    Present|RW|User (so ring 3 can reach MMIO, the zero page and ACPI tables), and the pages
 //!    from 0xc000_0000 (the MMIO hole) uncached (PCD|PWT);
-//! 3. CR4: PAE, OSFXSR, OSXMMEXCPT on; SMEP, SMAP, PKE, CET off (the stubs live on user pages);
+//! 3. CR4: PAE, OSFXSR, OSXMMEXCPT on; SMEP, SMAP, PKE, CET off (the stubs live on user pages),
+//!    TSD off (ring 3 reads the TSC for its timeouts);
 //!    CR0: EM and TS off, MP on (so SSE works in ring 3);
 //! 4. loads its GDT, reloads CS (`lretq`) and the data segments, loads the IDT and the TSS;
 //! 5. `iretq`s to ring 3 with IOPL 3 (port I/O allowed), IF 0, on the ring-3 stack, with
@@ -105,9 +106,10 @@ _start:
     lea rax, [rip + probe_pml4]
     mov cr3, rax
 
-    // CR4: clear SMEP (bit 20), SMAP (21), PKE (22), CET (23); set PAE, OSFXSR, OSXMMEXCPT.
+    // CR4: clear TSD (bit 2), SMEP (20), SMAP (21), PKE (22), CET (23); set PAE, OSFXSR,
+    // OSXMMEXCPT.
     mov rax, cr4
-    and rax, -0xf00001
+    and rax, -0xf00005
     or rax, 0x620
     mov cr4, rax
 

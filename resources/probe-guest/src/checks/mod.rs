@@ -10,10 +10,14 @@ use core::fmt::{self, Write};
 
 use crate::bootparams::{BootParams, CmdlineError};
 use crate::cmdline::Args;
+use crate::discovery::{self, DeviceList, Listed};
 use crate::phys::PhysMem;
 use crate::text::Line;
+use crate::virtio::Mmio;
 
+pub mod blk;
 pub mod boot;
+pub mod rng;
 
 /// What every check may look at.
 pub struct Context<'a> {
@@ -30,7 +34,7 @@ pub struct Context<'a> {
 }
 
 /// Capacity of a report's detail and problem texts.
-const REPORT_TEXT: usize = 1024;
+const REPORT_TEXT: usize = 2048;
 
 /// What a check found: details for the `ok` line, or the problems that made it fail.
 #[derive(Default)]
@@ -83,10 +87,55 @@ pub struct Check {
 }
 
 /// Every check, by name.
-pub const REGISTRY: &[Check] = &[Check {
-    name: "boot",
-    run: boot::run,
-}];
+pub const REGISTRY: &[Check] = &[
+    Check {
+        name: "boot",
+        run: boot::run,
+    },
+    Check {
+        name: "blk",
+        run: blk::run,
+    },
+    Check {
+        name: "rng",
+        run: rng::run,
+    },
+];
+
+/// The virtio-mmio devices with DeviceID `device_id`, in command-line order, for a check.
+///
+/// Finds every device both ways ([`discovery::find`]: the command line and the DSDT must
+/// agree) and identifies each (MagicValue, Version 2, DeviceID; reads only). A window without
+/// a virtio-mmio device behind it is a problem; DeviceID 0 (a placeholder) is skipped. With no
+/// device of that kind, the problem is "no NAME device". `None` (problems reported) when the
+/// devices could not be found or there is none of the kind.
+pub fn virtio_devices(
+    ctx: &Context<'_>,
+    report: &mut Report,
+    device_id: u32,
+    name: &str,
+) -> Option<DeviceList> {
+    let all = discovery::find(ctx, report)?;
+    let mut found = DeviceList::new();
+    for d in all.as_slice() {
+        match Mmio::new(d.base, d.size).and_then(|m| m.identify()) {
+            Ok(id) if id.device_id == device_id => {
+                // `found` is as large as `all`.
+                let _ = found.push(*d);
+            }
+            Ok(_) => {}
+            Err(e) => report.fail(format_args!("virtio-mmio device {d}: {e}")),
+        }
+    }
+    if found.as_slice().is_empty() {
+        report.fail(format_args!(
+            "no {name} device (virtio-mmio devices: {})",
+            Listed(all.as_slice())
+        ));
+        return None;
+    }
+    Some(found)
+}
 
 /// The check called `name`.
 pub fn find(name: &[u8]) -> Option<&'static Check> {

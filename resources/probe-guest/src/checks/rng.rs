@@ -1,0 +1,137 @@
+//! The `rng` check: does every virtio-rng (entropy, DeviceID 4) device hand out random bytes?
+//!
+//! The devices are found on the command line and in the DSDT (which must agree, see
+//! `discovery`); there must be at least one. Each is initialized (no feature beyond
+//! VIRTIO_F_VERSION_1), given one device-writable 64-byte buffer on queue 0, and polled for
+//! the answer: the used length must be 1..=64 and the bytes written not all equal. The device
+//! is reset afterwards.
+
+use core::fmt;
+
+use crate::checks::{self, Context, Report};
+use crate::discovery::Device;
+use crate::virtio::{self, DmaPool, Failure, Mmio, QueueLayout, VirtioError, DEVICE_ID_ENTROPY};
+
+/// Bytes asked for.
+const REQUEST_LEN: usize = 64;
+/// Entries of queue 0 at most.
+const QUEUE_LIMIT: u16 = 16;
+/// How long the device may take, ms.
+const TIMEOUT_MS: u64 = 2000;
+
+/// Runs the rng check.
+pub fn run(ctx: &Context<'_>, report: &mut Report) {
+    let Some(devices) = checks::virtio_devices(ctx, report, DEVICE_ID_ENTROPY, "virtio-rng") else {
+        return;
+    };
+    for d in devices.as_slice() {
+        check_device(d, report);
+    }
+}
+
+/// How a device is named in problems.
+struct Label(u64);
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "virtio-rng at 0x{:x}", self.0)
+    }
+}
+
+/// What went wrong with one device.
+enum Problem {
+    /// In the virtio machinery, at a step.
+    Virtio(&'static str, VirtioError),
+    /// The used length is not 1..=64.
+    Len(u32),
+    /// Every byte written is this one.
+    AllEqual(u8, u32),
+}
+
+/// Drives one device through a request, then resets it.
+fn check_device(d: &Device, report: &mut Report) {
+    let label = Label(d.base);
+    let mmio = match Mmio::new(d.base, d.size) {
+        Ok(m) => m,
+        Err(error) => {
+            return report.fail(format_args!(
+                "{}",
+                Failure {
+                    device: &label,
+                    step: "window",
+                    error
+                }
+            ))
+        }
+    };
+    let Some(pool) = DmaPool::take() else {
+        return report.fail(format_args!(
+            "{}",
+            Failure {
+                device: &label,
+                step: "setup",
+                error: VirtioError::NoDma
+            }
+        ));
+    };
+    let result = request(&mmio, &pool);
+    match virtio::reset(&mmio) {
+        Ok(()) => drop(pool),
+        Err(error) => {
+            report.fail(format_args!(
+                "{}",
+                Failure {
+                    device: &label,
+                    step: "reset",
+                    error
+                }
+            ));
+            pool.keep_forever();
+        }
+    }
+    match result {
+        Ok(len) => report.detail(format_args!(
+            "device at 0x{:x} {}, {len} bytes",
+            d.base, d.irqs
+        )),
+        Err(Problem::Virtio(step, error)) => report.fail(format_args!(
+            "{}",
+            Failure {
+                device: &label,
+                step,
+                error
+            }
+        )),
+        Err(Problem::Len(len)) => report.fail(format_args!(
+            "{label}: used length {len} for a {REQUEST_LEN}-byte buffer (expected 1..={REQUEST_LEN})"
+        )),
+        Err(Problem::AllEqual(b, len)) => report.fail(format_args!(
+            "{label}: all {len} bytes are 0x{b:02x}"
+        )),
+    }
+}
+
+/// Initializes the device, asks for [`REQUEST_LEN`] bytes, checks them; the number of bytes.
+fn request(mmio: &Mmio, pool: &DmaPool) -> Result<u32, Problem> {
+    let v = |step| move |e| Problem::Virtio(step, e);
+    let no_dma = Problem::Virtio("setup", VirtioError::NoDma);
+    virtio::negotiate(mmio, 0).map_err(v("init"))?;
+    let layout =
+        QueueLayout::new(QUEUE_LIMIT).ok_or(Problem::Virtio("setup", VirtioError::QueueMemory))?;
+    let ring = pool.alloc(layout.len, QueueLayout::ALIGN).ok_or(no_dma)?;
+    let mut queue = virtio::setup_queue(mmio, 0, QUEUE_LIMIT, ring).map_err(v("queue 0"))?;
+    virtio::driver_ok(mmio).map_err(v("init"))?;
+    let buf = pool
+        .alloc(REQUEST_LEN, 16)
+        .ok_or(Problem::Virtio("setup", VirtioError::NoDma))?;
+    let used = virtio::transact(mmio, &mut queue, &[buf.writable(REQUEST_LEN)], TIMEOUT_MS)
+        .map_err(v("request"))?;
+    if used.len == 0 || used.len as usize > REQUEST_LEN {
+        return Err(Problem::Len(used.len));
+    }
+    let first = buf.read_u8(0);
+    if used.len >= 2 && (1..used.len as usize).all(|i| buf.read_u8(i) == first) {
+        return Err(Problem::AllEqual(first, used.len));
+    }
+    Ok(used.len)
+}
