@@ -9,10 +9,11 @@ use boot::loader::{self, EntryMode};
 use devices::bus::{Bus, BusError, SharedDevice};
 use devices::legacy;
 use devices::stop::StopNotifier;
+use devices::virtio::block;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{ConfigError, ConsoleConfig, VmConfig};
+use crate::config::{BlockEngine, ConfigError, ConsoleConfig, VmConfig};
 use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::runner::{ConsoleInput, Vmm};
 use crate::timeline::Timeline;
@@ -52,6 +53,9 @@ pub enum BuildError {
     /// A virtio device could not be placed.
     #[error(transparent)]
     Virtio(#[from] DeviceManagerError),
+    /// A disk could not be attached.
+    #[error(transparent)]
+    Disk(#[from] block::BlockError),
     /// The console file or another host resource.
     #[error("{what}: {source}")]
     Io {
@@ -212,11 +216,20 @@ pub fn build(
     // Virtio devices.
     devices::seccomp::set_enabled(config.seccomp);
     let mut virtio = MmioDeviceManager::new();
-    if !config.disks.is_empty() {
-        return Err(BuildError::Io {
-            what: "disks".into(),
-            source: std::io::Error::other("virtio-blk is not in this build yet"),
-        });
+    // Disks first, in order, so that the first is vda.
+    for (disk, id) in config.disks.iter().zip(config.disk_ids()) {
+        let block = block::Block::new(block::BlockConfig {
+            path: disk.path.clone(),
+            read_only: disk.read_only,
+            ephemeral: disk.ephemeral,
+            serial: id,
+            engine: match disk.engine {
+                BlockEngine::Sync => block::Engine::Sync,
+                BlockEngine::Uring => block::Engine::Uring,
+            },
+            rate_limiter: None,
+        })?;
+        virtio.add(&vm, mem, &mut mmio, Box::new(block))?;
     }
     if config.rng {
         virtio.add(

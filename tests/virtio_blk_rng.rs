@@ -1,0 +1,157 @@
+//! virtio-blk and virtio-rng through the real binary with the probe guest: the guest's view
+//! (its `blk` and `rng` checks) and the host's (bytes in the image files, nothing left over).
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// The pattern the probe's blk check writes at `sector` (see the probe's README).
+fn probe_pattern(sector: u64) -> Vec<u8> {
+    let line = format!("cgvm-probe-blk sector {sector}\n");
+    line.bytes().cycle().take(4096).collect()
+}
+
+fn image(dir: &Path, name: &str, mib: u64, fill: u8) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, vec![fill; (mib << 20) as usize]).expect("write the image");
+    p
+}
+
+fn dir_listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("list the directory")
+        .map(|e| {
+            e.expect("directory entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn probe() -> String {
+    probe_elf().to_string_lossy().into_owned()
+}
+
+#[test]
+fn rng_delivers_bytes_to_the_guest() {
+    let r = cgvm_run(&[
+        "--kernel",
+        &probe(),
+        "--rng",
+        "--cmdline",
+        "probe.tests=rng",
+        "--timeout",
+        "30",
+    ]);
+    assert_eq!(r.status, Some(0), "{}", r.both());
+    assert!(r.stdout.contains("probe: rng ok"), "{}", r.both());
+}
+
+#[test]
+fn ephemeral_disks_are_written_by_the_guest_but_never_on_the_host() {
+    for engine in ["sync", "uring"] {
+        let d = scratch(&format!("blk-ephemeral-{engine}"));
+        let img = image(&d, "base.img", 16, 0x5a);
+        let before = std::fs::read(&img).unwrap();
+        let listing = dir_listing(&d);
+        let disk = format!("{},id=base,engine={engine}", img.display());
+        let r = cgvm_run(&[
+            "--kernel",
+            &probe(),
+            "--disk",
+            &disk,
+            "--cmdline",
+            "probe.tests=blk probe.blk_id=base probe.blk_sector=8",
+            "--timeout",
+            "60",
+        ]);
+        assert_eq!(r.status, Some(0), "{engine}: {}", r.both());
+        assert!(r.stdout.contains("probe: blk ok"), "{engine}: {}", r.both());
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{engine}: the base image changed"
+        );
+        assert_eq!(
+            dir_listing(&d),
+            listing,
+            "{engine}: an overlay file was left behind"
+        );
+    }
+}
+
+#[test]
+fn persist_disks_keep_the_guests_writes() {
+    for engine in ["sync", "uring"] {
+        let d = scratch(&format!("blk-persist-{engine}"));
+        let img = image(&d, "data.img", 16, 0);
+        let disk = format!("{},persist,engine={engine}", img.display());
+        let r = cgvm_run(&[
+            "--kernel",
+            &probe(),
+            "--disk",
+            &disk,
+            "--cmdline",
+            "probe.tests=blk probe.blk_sector=16",
+            "--timeout",
+            "60",
+        ]);
+        assert_eq!(r.status, Some(0), "{engine}: {}", r.both());
+        let bytes = std::fs::read(&img).unwrap();
+        assert_eq!(
+            &bytes[16 * 512..16 * 512 + 4096],
+            &probe_pattern(16)[..],
+            "{engine}"
+        );
+        assert!(
+            bytes[..16 * 512].iter().all(|&b| b == 0),
+            "{engine}: nothing else written"
+        );
+    }
+}
+
+#[test]
+fn read_only_disks_refuse_writes_and_keep_their_bytes() {
+    let d = scratch("blk-ro");
+    let rw = image(&d, "rw.img", 8, 0);
+    let ro = image(&d, "ro.img", 8, 0x33);
+    let before = std::fs::read(&ro).unwrap();
+    let r = cgvm_run(&[
+        "--kernel",
+        &probe(),
+        "--disk",
+        &format!("{},id=rw", rw.display()),
+        "--disk",
+        &format!("{},ro,id=ro", ro.display()),
+        "--rng",
+        "--cmdline",
+        "probe.tests=blk,rng probe.blk_id=rw,ro",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(r.status, Some(0), "{}", r.both());
+    assert!(r.stdout.contains("probe: blk ok"), "{}", r.both());
+    assert!(std::fs::read(&ro).unwrap() == before);
+}
+
+#[test]
+fn a_missing_or_unreadable_disk_is_refused_before_the_guest_runs() {
+    let d = scratch("blk-bad");
+    let r = cgvm_run(&[
+        "--kernel",
+        &probe(),
+        "--disk",
+        d.join("none.img").to_str().unwrap(),
+    ]);
+    assert_eq!(r.status, Some(125), "{}", r.both());
+    assert!(
+        r.stderr.contains("none.img"),
+        "names the file: {}",
+        r.both()
+    );
+    assert!(!r.stdout.contains("probe:"), "{}", r.both());
+}
