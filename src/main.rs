@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use devices::rate_limiter::RateLimiterConfig;
 use vmm::builder::{build, ConsoleIo};
-use vmm::config::{ConsoleConfig, DiskConfig, VmConfig, DEFAULT_CMDLINE};
+use vmm::config::{parse_size, per_second, ConsoleConfig, DiskConfig, VmConfig, DEFAULT_CMDLINE};
 use vmm::outcome::EXIT_VMM_ERROR;
 use vmm::timeline::{monotonic_ns, Timeline};
 
@@ -78,9 +79,10 @@ struct RunArgs {
     /// Enter an ELF kernel through its PVH entry point when it has one.
     #[arg(long)]
     pvh: bool,
-    /// A disk, PATH[,ro|,persist][,id=ID][,engine=sync|uring]; repeat for more (up to 16,
-    /// vda, vdb, ... in order). The image is never written unless `persist` is given: guest
-    /// writes go to a throw-away overlay. `ro` makes a read-only disk.
+    /// A disk, PATH[,ro|,persist][,id=ID][,engine=sync|uring][,bw=SIZE][,iops=N]; repeat for
+    /// more (up to 16, vda, vdb, ... in order). The image is never written unless `persist` is
+    /// given: guest writes go to a throw-away overlay. `ro` makes a read-only disk; bw and iops
+    /// limit bytes and requests per second.
     #[arg(long = "disk", value_name = "SPEC", value_parser = DiskConfig::parse_cli)]
     disks: Vec<DiskConfig>,
     /// Boot from the first disk: adds root=/dev/vda (with ro or rw) to the command line.
@@ -89,6 +91,9 @@ struct RunArgs {
     /// Add a virtio-rng entropy device (backed by the host's getrandom).
     #[arg(long)]
     rng: bool,
+    /// Limit the entropy device to SIZE bytes per second (e.g. 4K).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "rng")]
+    rng_rate: Option<u64>,
     /// Run device threads without their seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -124,6 +129,10 @@ impl RunArgs {
             timeout,
             pvh: self.pvh,
             rng: self.rng,
+            rng_rate_limiter: self.rng_rate.map(|n| RateLimiterConfig {
+                bandwidth: Some(per_second(n)),
+                ops: None,
+            }),
             disks: self.disks.clone(),
             seccomp: !self.no_seccomp,
         })

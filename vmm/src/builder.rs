@@ -227,7 +227,7 @@ pub fn build(
                 BlockEngine::Sync => block::Engine::Sync,
                 BlockEngine::Uring => block::Engine::Uring,
             },
-            rate_limiter: None,
+            rate_limiter: disk.rate_limiter,
         })?;
         virtio.add(&vm, mem, &mut mmio, Box::new(block))?;
     }
@@ -236,7 +236,7 @@ pub fn build(
             &vm,
             mem,
             &mut mmio,
-            Box::new(devices::virtio::rng::Rng::new()),
+            Box::new(devices::virtio::rng::Rng::new(config.rng_rate_limiter)),
         )?;
     }
 

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use devices::rate_limiter::{RateLimiterConfig, TokenBucket};
 use serde::{Deserialize, Serialize};
 
 /// Most vCPUs a machine may have.
@@ -41,6 +42,33 @@ pub struct DiskConfig {
     /// The I/O engine.
     #[serde(default)]
     pub engine: BlockEngine,
+    /// Limits on bytes and requests per second.
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// Parses a size: a number of bytes, or with a K, M or G suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("'{s}': expected a size above 0 such as 4096, 64K, 10M or 1G"))
+}
+
+/// A token bucket that allows `per_second` tokens each second.
+pub fn per_second(per_second: u64) -> TokenBucket {
+    TokenBucket {
+        size: per_second,
+        one_time_burst: None,
+        refill_time_ms: 1000,
+    }
 }
 
 impl DiskConfig {
@@ -58,9 +86,12 @@ impl DiskConfig {
             ephemeral: true,
             id: None,
             engine: BlockEngine::default(),
+            rate_limiter: None,
         };
         let mut persist = false;
+        let mut limits = RateLimiterConfig::default();
         for opt in parts {
+            let bad = |what: String| format!("--disk {spec}: {what}");
             match opt.split_once('=') {
                 None if opt == "ro" => d.read_only = true,
                 None if opt == "persist" => persist = true,
@@ -68,14 +99,22 @@ impl DiskConfig {
                 Some(("engine", "sync")) => d.engine = BlockEngine::Sync,
                 Some(("engine", "uring")) => d.engine = BlockEngine::Uring,
                 Some(("engine", e)) => {
-                    return Err(format!(
-                        "--disk {spec}: engine '{e}': expected sync or uring"
-                    ))
+                    return Err(bad(format!("engine '{e}': expected sync or uring")));
+                }
+                Some(("bw", v)) => {
+                    let bytes = parse_size(v).map_err(|e| bad(format!("bw={e}")))?;
+                    limits.bandwidth = Some(per_second(bytes));
+                }
+                Some(("iops", v)) => {
+                    let n = v.parse::<u64>().ok().filter(|&n| n > 0);
+                    let n =
+                        n.ok_or_else(|| bad(format!("iops '{v}': expected a number above 0")))?;
+                    limits.ops = Some(per_second(n));
                 }
                 _ => {
-                    return Err(format!(
-                    "--disk {spec}: unknown option '{opt}' (ro, persist, id=ID, engine=sync|uring)"
-                ))
+                    return Err(bad(format!(
+                        "unknown option '{opt}' (ro, persist, id=ID, engine=sync|uring, bw=SIZE, iops=N)"
+                    )));
                 }
             }
         }
@@ -85,6 +124,7 @@ impl DiskConfig {
             ));
         }
         d.ephemeral = !persist && !d.read_only;
+        d.rate_limiter = (!limits.is_unlimited()).then_some(limits);
         Ok(d)
     }
 }
@@ -142,6 +182,9 @@ pub struct VmConfig {
     /// A virtio-rng entropy device.
     #[serde(default)]
     pub rng: bool,
+    /// Limits on the entropy device's bytes per second.
+    #[serde(default)]
+    pub rng_rate_limiter: Option<RateLimiterConfig>,
     /// Disks, in the order the guest sees them (vda, vdb, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
@@ -166,6 +209,7 @@ impl Default for VmConfig {
             timeout: None,
             pvh: false,
             rng: false,
+            rng_rate_limiter: None,
             disks: Vec::new(),
             seccomp: true,
         }
@@ -326,6 +370,18 @@ mod tests {
         );
         let d = DiskConfig::parse_cli("/img.raw,ro").unwrap();
         assert!(d.read_only && !d.ephemeral);
+        let d = DiskConfig::parse_cli("/img.raw,bw=10M,iops=500").unwrap();
+        let rl = d.rate_limiter.unwrap();
+        assert_eq!(rl.bandwidth.unwrap().size, 10 << 20);
+        assert_eq!(rl.ops.unwrap().size, 500);
+        assert_eq!(rl.ops.unwrap().refill_time_ms, 1000);
+        assert!(DiskConfig::parse_cli("/img.raw")
+            .unwrap()
+            .rate_limiter
+            .is_none());
+        for bad in ["/i,bw=0", "/i,bw=x", "/i,iops=-1", "/i,iops=0"] {
+            assert!(DiskConfig::parse_cli(bad).is_err(), "{bad}");
+        }
         for bad in [
             "",
             ",ro",
@@ -346,6 +402,7 @@ mod tests {
             ephemeral: true,
             id: id.map(String::from),
             engine: BlockEngine::Sync,
+            rate_limiter: None,
         };
         let c = VmConfig {
             disks: vec![disk(None), disk(Some("data"))],
@@ -369,6 +426,17 @@ mod tests {
             ..ok()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("10m"), Ok(10 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        for bad in ["", "0", "K", "1T", "-1", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

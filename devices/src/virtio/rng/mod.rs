@@ -5,6 +5,7 @@ mod worker;
 
 use super::worker::{spawn, WorkerHandle};
 use super::{ActivateContext, ActivateError, VirtioDevice, TYPE_RNG};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 
 pub use worker::{fill_chain, RngWorker, MAX_REQUEST_BYTES};
 
@@ -15,12 +16,16 @@ pub const QUEUE_SIZE: u16 = 256;
 #[derive(Default)]
 pub struct Rng {
     worker: Option<WorkerHandle>,
+    rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl Rng {
-    /// A new, inactive device.
-    pub fn new() -> Self {
-        Self::default()
+    /// A new, inactive device, limited in bytes per second when `rate_limiter` says so.
+    pub fn new(rate_limiter: Option<RateLimiterConfig>) -> Self {
+        Self {
+            worker: None,
+            rate_limiter,
+        }
     }
 }
 
@@ -45,7 +50,13 @@ impl VirtioDevice for Rng {
         let Some(q) = ctx.queues.pop() else {
             return Err(ActivateError::MissingQueues { want: 1, got: 0 });
         };
-        let worker = RngWorker::new(ctx.mem, q, ctx.interrupt.clone());
+        let limiter = match &self.rate_limiter {
+            Some(c) => {
+                Some(RateLimiter::new(c).map_err(|e| ActivateError::Backend(e.to_string()))?)
+            }
+            None => None,
+        };
+        let worker = RngWorker::new(ctx.mem, q, ctx.interrupt.clone(), limiter);
         self.worker = Some(spawn(worker, ctx.health, ctx.interrupt)?);
         Ok(())
     }

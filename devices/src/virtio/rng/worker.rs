@@ -4,9 +4,10 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
+use crate::rate_limiter::{RateLimiter, TokenType};
 use crate::virtio::worker::DeviceWorker;
 use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
 
@@ -15,36 +16,57 @@ use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 const QUEUE_TOKEN: u32 = 0;
+const LIMITER_TOKEN: u32 = 1;
 
 /// The entropy device's worker.
 pub struct RngWorker {
     mem: GuestMemoryMmap,
     queue: ActiveQueue,
     interrupt: Arc<dyn VirtioInterrupt>,
+    limiter: Option<RateLimiter>,
 }
 
 impl RngWorker {
-    /// A worker for the request queue.
+    /// A worker for the request queue; `limiter` bounds the bytes per second it hands out.
     pub fn new(
         mem: GuestMemoryMmap,
         queue: ActiveQueue,
         interrupt: Arc<dyn VirtioInterrupt>,
+        limiter: Option<RateLimiter>,
     ) -> Self {
         Self {
             mem,
             queue,
             interrupt,
+            limiter,
         }
+    }
+
+    /// The bytes `chain` asks for (its device-writable length, capped), without consuming it.
+    fn wanted(chain: &DescriptorChain<&GuestMemoryMmap>) -> u64 {
+        let total: u64 = chain
+            .clone()
+            .filter(|d| d.is_write_only())
+            .map(|d| u64::from(d.len()))
+            .sum();
+        total.min(MAX_REQUEST_BYTES as u64)
     }
 
     fn process_queue(&mut self) -> Result<(), String> {
         let mem = &self.mem;
         let q = &mut self.queue.queue;
         let mut used_any = false;
-        loop {
+        'ring: loop {
             q.disable_notification(mem)
                 .map_err(|e| format!("queue: {e}"))?;
             while let Some(chain) = q.pop_descriptor_chain(mem) {
+                if let Some(limiter) = self.limiter.as_mut() {
+                    if !limiter.consume(Self::wanted(&chain), TokenType::Bytes) {
+                        // Back on the ring, notifications off: the limiter's timer resumes us.
+                        q.go_to_previous_position();
+                        break 'ring;
+                    }
+                }
                 let head = chain.head_index();
                 let len = fill_chain(mem, chain);
                 q.add_used(mem, head, len)
@@ -129,18 +151,35 @@ impl DeviceWorker for RngWorker {
     }
 
     fn sources(&self) -> Vec<(RawFd, u32)> {
-        vec![(self.queue.notify.as_raw_fd(), QUEUE_TOKEN)]
+        let mut s = vec![(self.queue.notify.as_raw_fd(), QUEUE_TOKEN)];
+        if let Some(l) = &self.limiter {
+            s.push((l.as_raw_fd(), LIMITER_TOKEN));
+        }
+        s
     }
 
     fn syscalls(&self) -> &'static [i64] {
-        &[libc::SYS_getrandom]
+        &[
+            libc::SYS_getrandom,
+            libc::SYS_timerfd_settime,
+            libc::SYS_timerfd_gettime,
+        ]
     }
 
     fn handle(&mut self, token: u32) -> Result<(), String> {
-        if token == QUEUE_TOKEN {
-            let _ = self.queue.notify.read();
-            self.process_queue()?;
+        match token {
+            QUEUE_TOKEN => {
+                let _ = self.queue.notify.read();
+            }
+            LIMITER_TOKEN => {
+                if let Some(l) = &mut self.limiter {
+                    if let Err(e) = l.event_handler() {
+                        log::debug!("virtio-rng: {e}");
+                    }
+                }
+            }
+            _ => return Ok(()),
         }
-        Ok(())
+        self.process_queue()
     }
 }
