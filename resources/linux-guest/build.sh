@@ -3,6 +3,7 @@
 #   OUTDIR/vmlinuz             the kernel of Debian's linux-image-cloud-amd64 (a bzImage)
 #   OUTDIR/initramfs.cpio.gz   busybox-static, that kernel's virtio modules, /init (see README.md)
 #   OUTDIR/kernel-version      the kernel's release (what `uname -r` prints in the guest)
+#   OUTDIR/disk.ext4           a 32 MiB ext4 image holding cgvm-check.txt, for /init's disk check
 #
 # usage: build.sh [--cache DIR] [--kernel-package PKG] OUTDIR
 #   --cache DIR            where the downloaded .debs are kept (default OUTDIR/.cache)
@@ -13,6 +14,16 @@ shopt -s inherit_errexit
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 KERNEL_METAPACKAGE=linux-image-cloud-amd64
+# mkfs.ext4 and debugfs live in /sbin, which a non-root PATH may lack.
+PATH=$PATH:/usr/sbin:/sbin
+
+# The disk image: /cgvm-check.txt holds DISK_CHECK_LINE, which /init's disk check expects (the
+# initramfs gets the same line in /etc/cgvm/disk-check). Fixed UUID and hash seed, so that the
+# same e2fsprogs gives the same bytes.
+DISK_SIZE_MIB=32
+DISK_LABEL=cgvm-check
+DISK_UUID=6367766d-6469-736b-8000-000000000001
+DISK_CHECK_LINE="cgvm ext4 disk ok"
 
 # The modules the guest loads, by module name (dashes written as underscores), roughly in load
 # order; their dependencies are added from modules.dep. Ones built into the kernel or missing from
@@ -87,11 +98,13 @@ require_tool() {
 }
 
 check_tools() {
-	for tool in apt-get apt-cache dpkg-deb gzip sort find; do
+	for tool in apt-get apt-cache dpkg-deb gzip sort find truncate; do
 		command -v "$tool" >/dev/null || die "$tool is missing (this script needs a Debian host)"
 	done
 	require_tool cpio cpio
 	require_tool cc gcc
+	require_tool mkfs.ext4 e2fsprogs
+	require_tool debugfs e2fsprogs
 }
 
 # --- packages -----------------------------------------------------------------------------------
@@ -308,12 +321,13 @@ build_exit_helper() {
 
 make_root() {
 	ROOT=$WORK/root
-	mkdir -p "$ROOT"/{dev,proc,sys,tmp,run,root,etc}
+	mkdir -p "$ROOT"/{dev,proc,sys,tmp,run,root,etc,mnt}
 	install_busybox
 	build_exit_helper
 	install_modules
 	cp "$HERE/init" "$ROOT/init"
 	echo "$KVER" >"$ROOT/etc/cgvm/kernel-version"
+	echo "$DISK_CHECK_LINE" >"$ROOT/etc/cgvm/disk-check"
 	# No /dev/console node (a non-root build could not make one): the kernel's built-in
 	# initramfs has it, and /init reopens the console after mounting devtmpfs anyway.
 }
@@ -321,8 +335,7 @@ make_root() {
 # Fixed modes and times, sorted names, root ownership, gzip without name or time: the same
 # inputs give the same archive.
 write_initramfs() {
-	local out=$1 epoch
-	epoch=$(stat -c %Y "$KDIR/boot/vmlinuz-$KVER")
+	local out=$1 epoch=$EPOCH
 	find "$ROOT" -type d -exec chmod 755 {} +
 	find "$ROOT" -type f -exec chmod 644 {} +
 	chmod 755 "$ROOT/init" "$ROOT/bin/busybox" "$ROOT/bin/cgvm-exit"
@@ -332,14 +345,86 @@ write_initramfs() {
 	mv "$out.tmp" "$out"
 }
 
+# --- disk image ---------------------------------------------------------------------------------
+
+# An mke2fs.conf of our own, so that the host's /etc/mke2fs.conf (or a newer e2fsprogs' defaults:
+# orphan_file, metadata_csum_seed...) does not decide the image's features. These are bookworm's
+# ext4 defaults, which Linux has supported since 3.18; "small" (what mke2fs calls a file system
+# under 512 MiB) would otherwise mean 1 KiB blocks.
+write_mke2fs_conf() {
+	cat >"$1" <<-'EOF'
+		[defaults]
+			base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
+			default_mntopts = acl,user_xattr
+			enable_periodic_fsck = 0
+			blocksize = 4096
+			inode_size = 256
+			inode_ratio = 16384
+
+		[fs_types]
+			ext4 = {
+				features = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+			}
+			small = {
+				blocksize = 4096
+				inode_ratio = 16384
+			}
+	EOF
+}
+
+# make_disk OUT: a DISK_SIZE_MIB ext4 image made with mkfs.ext4 -d from a directory holding
+# cgvm-check.txt. Reproducible with the same e2fsprogs: fixed UUID, hash seed, label and
+# features; E2FSPROGS_FAKE_TIME for the times mke2fs sets itself; and debugfs then sets the
+# owner and the four times of every inode copied from the directory (mke2fs -d copies them from
+# the files: the build user, the time they were made or last read).
+make_disk() {
+	local out=$1 src=$WORK/disk path field cmds=$WORK/disk.debugfs
+	mkdir -p "$src"
+	echo "$DISK_CHECK_LINE" >"$src/cgvm-check.txt"
+	find "$src" -type d -exec chmod 755 {} +
+	find "$src" -type f -exec chmod 644 {} +
+	write_mke2fs_conf "$WORK/mke2fs.conf"
+	rm -f "$out.tmp"
+	truncate -s "${DISK_SIZE_MIB}M" "$out.tmp"
+	MKE2FS_CONFIG=$WORK/mke2fs.conf E2FSPROGS_FAKE_TIME=$EPOCH SOURCE_DATE_EPOCH=$EPOCH \
+		mkfs.ext4 -q -F -t ext4 -L "$DISK_LABEL" -U "$DISK_UUID" \
+		-E "root_owner=0:0,hash_seed=$DISK_UUID" -d "$src" "$out.tmp" >&2 ||
+		die "mkfs.ext4 of the disk image failed"
+	: >"$cmds"
+	while IFS= read -r path; do
+		path=${path#.} # ./a/b -> /a/b, . -> (the root)
+		path=${path:-/}
+		for field in uid gid; do
+			echo "set_inode_field $path $field 0" >>"$cmds"
+		done
+		for field in atime ctime mtime crtime; do
+			echo "set_inode_field $path $field @$EPOCH" >>"$cmds"
+		done
+	done < <(cd "$src" && find . | LC_ALL=C sort)
+	# debugfs reports a failed request on stderr but still exits 0: any such line is an error.
+	if ! E2FSPROGS_FAKE_TIME=$EPOCH debugfs -w -f "$cmds" "$out.tmp" >"$WORK/debugfs.out" 2>&1 ||
+		grep -v -e '^debugfs [0-9.]* (' -e '^debugfs: set_inode_field ' "$WORK/debugfs.out" | grep -q .; then
+		cat "$WORK/debugfs.out" >&2
+		die "debugfs could not fix the disk image's owners and times"
+	fi
+	mv "$out.tmp" "$out"
+}
+
 # --- main ---------------------------------------------------------------------------------------
 
-report_exit_path() {
+report_kernel_config() {
 	if [ "$(kconfig CONFIG_DEVPORT)" = y ]; then
 		echo "kernel has CONFIG_DEVPORT=y: /init writes a failing verdict to /dev/port"
 	else
 		echo "kernel has no CONFIG_DEVPORT (no /dev/port): /init writes a failing verdict with" \
 			"/bin/cgvm-exit; CONFIG_DEVMEM=$(kconfig CONFIG_DEVMEM) (boot timer via busybox devmem)"
+	fi
+	if [ "$(kconfig CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES)" = y ]; then
+		echo "kernel has CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y: virtio_mmio takes device= words" \
+			"(but /init's insmod passes none: it finds the devices through ACPI, LNRO0005)"
+	else
+		echo "kernel has no CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES: virtio-mmio devices are found" \
+			"through ACPI (LNRO0005) only, virtio_mmio.device= on the command line is ignored"
 	fi
 }
 
@@ -359,9 +444,12 @@ main() {
 	[ -x "$BUSYBOX" ] || die "$(basename "$bbdeb") has no /bin/busybox"
 
 	unpack_kernel "$kdeb"
+	# Every time in the outputs: the kernel image's.
+	EPOCH=$(stat -c %Y "$KDIR/boot/vmlinuz-$KVER")
 	ensure_modules_dep
 	make_root
 	write_initramfs "$OUTDIR/initramfs.cpio.gz"
+	make_disk "$OUTDIR/disk.ext4"
 	cp "$KDIR/boot/vmlinuz-$KVER" "$OUTDIR/vmlinuz.tmp"
 	mv "$OUTDIR/vmlinuz.tmp" "$OUTDIR/vmlinuz"
 	echo "$KVER" >"$OUTDIR/kernel-version"
@@ -370,7 +458,8 @@ main() {
 	echo "  vmlinuz             from $(basename "$kdeb"), $(stat -c %s "$OUTDIR/vmlinuz") bytes"
 	echo "  initramfs.cpio.gz   busybox from $(basename "$bbdeb"), /init, $(grep -c ' /' "$ROOT/etc/cgvm/modules") modules, $(stat -c %s "$OUTDIR/initramfs.cpio.gz") bytes"
 	echo "  kernel-version      $KVER"
-	report_exit_path
+	echo "  disk.ext4           ext4, ${DISK_SIZE_MIB} MiB, label $DISK_LABEL, UUID $DISK_UUID: /cgvm-check.txt = \"$DISK_CHECK_LINE\""
+	report_kernel_config
 	echo "modules, in /init's load order:"
 	printf '%s' "$MODULES_REPORT"
 }
