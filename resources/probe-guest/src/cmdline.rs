@@ -3,11 +3,13 @@
 //! The command line is space-separated words; a word `key=value` sets `key` (the last one wins,
 //! as in Linux). Keys the probe reads:
 //! - `probe.tests=a,b,c`: the checks to run, in order;
-//! - `probe.exit=N` (0..=255), `probe.exit=reset` or `probe.exit=poweroff`: how to end,
-//!   whatever the results;
+//! - `probe.exit=N` (0..=255), `probe.exit=reset`, `probe.exit=poweroff` or `probe.exit=hang`:
+//!   how to end, whatever the results;
 //! - `probe.mem=MiB`, `probe.cpus=N`: expected memory size and CPU count for the boot check;
 //! - `probe.blk_id=a,b,...`: the ids the blk check expects of the disks, in order;
-//! - `probe.blk_sector=N`: the sector the blk check writes and reads (default 0).
+//! - `probe.blk_sector=N`: the sector the blk check writes and reads (default 0);
+//! - `probe.bench_id=ID`, `probe.bench_ms=N`, `probe.bench_qd=N`, `probe.bench_workloads=a,b`:
+//!   the blkbench check's disk, time per workload, queue depth and workloads.
 //!
 //! Other words are ignored, except unknown `probe.*` keys, which the caller reports.
 
@@ -31,16 +33,28 @@ pub struct Args<'a> {
     pub blk_id: Option<&'a [u8]>,
     /// `probe.blk_sector`.
     pub blk_sector: Setting<'a, u64>,
+    /// `probe.bench_id`: the id (GET_ID) of the disk the blkbench check drives.
+    pub bench_id: Option<&'a [u8]>,
+    /// `probe.bench_ms`: how long each blkbench workload runs, ms.
+    pub bench_ms: Setting<'a, u64>,
+    /// `probe.bench_qd`: the blkbench queue depth (requests kept in flight).
+    pub bench_qd: Setting<'a, u64>,
+    /// `probe.bench_workloads`: the raw comma-separated list.
+    pub bench_workloads: Option<&'a [u8]>,
 }
 
 /// Keys the probe knows.
-const KNOWN_KEYS: [&[u8]; 6] = [
+const KNOWN_KEYS: [&[u8]; 10] = [
     b"probe.tests",
     b"probe.exit",
     b"probe.mem",
     b"probe.cpus",
     b"probe.blk_id",
     b"probe.blk_sector",
+    b"probe.bench_id",
+    b"probe.bench_ms",
+    b"probe.bench_qd",
+    b"probe.bench_workloads",
 ];
 
 /// The command line's words.
@@ -84,6 +98,7 @@ impl<'a> Args<'a> {
                     args.exit = Some(match raw {
                         b"reset" => Ok(Ending::Reset),
                         b"poweroff" => Ok(Ending::Poweroff),
+                        b"hang" => Ok(Ending::Hang),
                         _ => parse_decimal(raw)
                             .and_then(|n| u8::try_from(n).ok())
                             .map(Ending::Status)
@@ -100,6 +115,10 @@ impl<'a> Args<'a> {
                 }
                 b"probe.blk_id" => args.blk_id = Some(raw),
                 b"probe.blk_sector" => args.blk_sector = Some(parse_decimal(raw).ok_or(raw)),
+                b"probe.bench_id" => args.bench_id = Some(raw),
+                b"probe.bench_ms" => args.bench_ms = Some(parse_decimal(raw).ok_or(raw)),
+                b"probe.bench_qd" => args.bench_qd = Some(parse_decimal(raw).ok_or(raw)),
+                b"probe.bench_workloads" => args.bench_workloads = Some(raw),
                 _ => {}
             }
         }
@@ -148,6 +167,11 @@ mod tests {
             Args::parse(b"probe.exit=poweroff").exit,
             Some(Ok(Ending::Poweroff))
         );
+        assert_eq!(Args::parse(b"probe.exit=hang").exit, Some(Ok(Ending::Hang)));
+        assert_eq!(
+            Args::parse(b"probe.exit=hang2").exit,
+            Some(Err(&b"hang2"[..]))
+        );
         assert_eq!(
             Args::parse(b"probe.exit=Poweroff").exit,
             Some(Err(&b"Poweroff"[..]))
@@ -194,6 +218,30 @@ mod tests {
         assert_eq!(Args::parse(b"probe.blk_id=").blk_id, Some(&b""[..]));
         assert_eq!(
             unknown_probe_keys(b"probe.blk_id=a probe.blk_sector=1 probe.blk=2").count(),
+            1
+        );
+    }
+
+    #[test]
+    fn bench_keys() {
+        let args = Args::parse(
+            b"probe.bench_id=data probe.bench_ms=500 probe.bench_qd=8 probe.bench_workloads=a,b",
+        );
+        assert_eq!(args.bench_id, Some(&b"data"[..]));
+        assert_eq!(args.bench_ms, Some(Ok(500)));
+        assert_eq!(args.bench_qd, Some(Ok(8)));
+        assert_eq!(args.bench_workloads, Some(&b"a,b"[..]));
+        assert_eq!(
+            Args::parse(b"probe.bench_qd=x").bench_qd,
+            Some(Err(&b"x"[..]))
+        );
+        assert_eq!(Args::parse(b"").bench_ms, None);
+        assert_eq!(
+            unknown_probe_keys(
+                b"probe.bench_id=a probe.bench_ms=1 probe.bench_qd=2 probe.bench_workloads= \
+                  probe.bench=3"
+            )
+            .count(),
             1
         );
     }

@@ -1,7 +1,8 @@
 //! Ending the run: the exit device (a one-byte write to port 0xf4 ends the run with that exit
 //! status), an i8042 reset (0xfe to port 0x64), or ACPI S5 (soft off) through the sleep control
 //! register that the ACPI tables name. Either way the VMM stops the VM; the probe only spins
-//! with `pause` afterwards (`hlt` is not allowed in ring 3).
+//! with `pause` afterwards (`hlt` is not allowed in ring 3). Or it writes nothing and spins
+//! until the VMM is killed (`probe.exit=hang`, for tests that stop the VMM at a known point).
 
 use crate::acpi::{SleepRegister, S5};
 use crate::io;
@@ -24,6 +25,8 @@ pub enum Ending {
     /// [`end`] does not read: the caller finds them ([`crate::acpi::find_s5`]) and calls
     /// [`poweroff`].
     Poweroff,
+    /// End nothing: spin until the VMM is stopped from outside (killed, or its `--timeout`).
+    Hang,
 }
 
 /// Ends the run as `ending` says. `Ending::Poweroff` needs the tables (see [`poweroff`]); given
@@ -36,6 +39,7 @@ pub fn end(ending: Ending) -> ! {
         Ending::Reset => unsafe { io::outb(I8042_COMMAND_PORT, I8042_RESET) },
         // SAFETY: as above.
         Ending::Poweroff => unsafe { io::outb(EXIT_PORT, 1) },
+        Ending::Hang => {}
     }
     spin()
 }

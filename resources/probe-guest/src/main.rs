@@ -8,7 +8,7 @@
 //! - `main` (this file): `probe_main`, the ring-3 entry: reads the zero page and the command
 //!   line, runs the requested checks, prints the summary, ends the run; the panic handler;
 //! - `checks`: the check registry and the checks (`checks::boot`, `checks::blk`,
-//!   `checks::rng`);
+//!   `checks::rng`, `checks::blkbench`);
 //! - `bootparams`, `cmdline`, `acpi`, `aml`: parsing what the VMM provides (pure,
 //!   unit-tested);
 //! - `discovery`: the virtio-mmio devices, from the command line and from the DSDT;
@@ -16,7 +16,7 @@
 //!   the virtio-mmio transport;
 //! - `phys`: bounds-checked reads of guest memory;
 //! - `serial`, `cmos`, `boottimer`, `exit`, `io`: the devices, by port or MMIO;
-//! - `tsc`: time for bounded waits;
+//! - `tsc`: time for bounded waits and for the benchmark;
 //! - `text`: formatting without allocation; `rt`: `memcpy` & co. for the linker.
 //!
 //! `cargo test` (via `build.sh --test`) builds the crate for the host with std, without the
@@ -102,7 +102,7 @@ fn run(zero_page: u64) -> Ending {
     }
     if let Some(Err(raw)) = args.exit {
         println!(
-            "probe: FAIL probe.exit={}: expected 0..255, reset or poweroff",
+            "probe: FAIL probe.exit={}: expected 0..255, reset, poweroff or hang",
             Escaped(raw)
         );
         failed += 1;
@@ -135,6 +135,9 @@ fn run(zero_page: u64) -> Ending {
         }
     }
     println!("probe: {passed} passed, {failed} failed");
+    if let Some(Ok(Ending::Hang)) = args.exit {
+        println!("probe: hanging (probe.exit=hang)");
+    }
 
     match (args.exit, s5) {
         (Some(Ok(Ending::Poweroff)), Some(s5)) => exit::poweroff(&s5),

@@ -5,11 +5,13 @@
 //! and ratio; leaf 0x16: base MHz; leaf 0x4000_0010: the TSC kHz some hypervisors publish),
 //! else from timing 10 ms of PIT channel 2 (the in-kernel PIT, gated through port 0x61, as
 //! Linux's `pit_calibrate_tsc` does), else it is assumed to be 3 GHz. It is found once, on the
-//! first [`Deadline`], and kept. Only deadlines use it: a timeout message's "N ms" is as good
-//! as the rate.
+//! first [`Deadline`] (or [`ticks_per_ms`] call), and kept with where it came from
+//! ([`rate_source`]). Deadlines use it (a timeout message's "N ms" is as good as the rate), and
+//! the blkbench check, which converts elapsed ticks to nanoseconds ([`ticks_to_ns_at`]).
 
 use core::arch::asm;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::fmt;
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 #[cfg(not(test))]
 use crate::io;
@@ -43,6 +45,48 @@ const PIT_MAX_TICKS: u64 = 1 << 32;
 
 /// The TSC rate once found (0: not yet).
 static TICKS_PER_MS: AtomicU64 = AtomicU64::new(0);
+/// Where it came from (a [`RateSource`] as u8; meaningful once TICKS_PER_MS is set).
+static SOURCE: AtomicU8 = AtomicU8::new(RateSource::Assumed as u8);
+
+/// Where the TSC rate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RateSource {
+    /// CPUID leaf 0x15 (crystal clock and ratio).
+    CpuidTsc = 0,
+    /// CPUID leaf 0x16 (base MHz).
+    CpuidBase = 1,
+    /// CPUID leaf 0x4000_0010 (a hypervisor's TSC kHz).
+    Hypervisor = 2,
+    /// Timed against PIT channel 2.
+    Pit = 3,
+    /// Nothing said: 3 GHz assumed.
+    Assumed = 4,
+}
+
+impl RateSource {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::CpuidTsc,
+            1 => Self::CpuidBase,
+            2 => Self::Hypervisor,
+            3 => Self::Pit,
+            _ => Self::Assumed,
+        }
+    }
+}
+
+impl fmt::Display for RateSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::CpuidTsc => "cpuid 0x15",
+            Self::CpuidBase => "cpuid 0x16",
+            Self::Hypervisor => "cpuid 0x40000010",
+            Self::Pit => "PIT",
+            Self::Assumed => "assumed",
+        })
+    }
+}
 
 /// Reads the time-stamp counter.
 pub fn now() -> u64 {
@@ -60,7 +104,8 @@ pub fn now() -> u64 {
 pub fn ticks_per_ms() -> u64 {
     match TICKS_PER_MS.load(Ordering::Relaxed) {
         0 => {
-            let rate = measure();
+            let (rate, source) = measure();
+            SOURCE.store(source as u8, Ordering::Relaxed);
             TICKS_PER_MS.store(rate, Ordering::Relaxed);
             rate
         }
@@ -68,12 +113,32 @@ pub fn ticks_per_ms() -> u64 {
     }
 }
 
-/// Finds the TSC rate, in ticks per millisecond: CPUID, else the PIT, else assumed.
-fn measure() -> u64 {
+/// Where the TSC rate came from (found first if need be).
+pub fn rate_source() -> RateSource {
+    ticks_per_ms();
+    RateSource::from_u8(SOURCE.load(Ordering::Relaxed))
+}
+
+/// `ticks` in nanoseconds at `ticks_per_ms` (saturating; 0 ticks per ms gives 0).
+pub fn ticks_to_ns_at(ticks: u64, ticks_per_ms: u64) -> u64 {
+    if ticks_per_ms == 0 {
+        return 0;
+    }
+    let ns = u128::from(ticks) * 1_000_000 / u128::from(ticks_per_ms);
+    u64::try_from(ns).unwrap_or(u64::MAX)
+}
+
+/// Finds the TSC rate, in ticks per millisecond, and where it came from: CPUID, else the PIT,
+/// else assumed.
+fn measure() -> (u64, RateSource) {
     from_cpuid()
-        .filter(|r| PLAUSIBLE.contains(r))
-        .or_else(|| from_pit().filter(|r| PLAUSIBLE.contains(r)))
-        .unwrap_or(ASSUMED_TICKS_PER_MS)
+        .filter(|(r, _)| PLAUSIBLE.contains(r))
+        .or_else(|| {
+            from_pit()
+                .filter(|r| PLAUSIBLE.contains(r))
+                .map(|r| (r, RateSource::Pit))
+        })
+        .unwrap_or((ASSUMED_TICKS_PER_MS, RateSource::Assumed))
 }
 
 /// CPUID leaf `leaf` (subleaf 0): EAX, EBX, ECX, EDX.
@@ -84,21 +149,22 @@ fn cpuid(leaf: u32) -> [u32; 4] {
     [r.eax, r.ebx, r.ecx, r.edx]
 }
 
-/// The TSC rate CPUID states, if any.
-fn from_cpuid() -> Option<u64> {
+/// The TSC rate CPUID states, if any, and the leaf that states it.
+fn from_cpuid() -> Option<(u64, RateSource)> {
     let max = cpuid(0)[0];
     if max >= 0x15 {
         let [denominator, numerator, crystal_hz, _] = cpuid(0x15);
         if denominator != 0 && numerator != 0 && crystal_hz != 0 {
-            return Some(
+            return Some((
                 u64::from(crystal_hz) * u64::from(numerator) / u64::from(denominator) / 1000,
-            );
+                RateSource::CpuidTsc,
+            ));
         }
     }
     if max >= 0x16 {
         let base_mhz = cpuid(0x16)[0] & 0xffff;
         if base_mhz != 0 {
-            return Some(u64::from(base_mhz) * 1000);
+            return Some((u64::from(base_mhz) * 1000, RateSource::CpuidBase));
         }
     }
     // Hypervisor leaves: 0x4000_0000 EAX is the highest; 0x4000_0010 EAX the TSC kHz.
@@ -106,7 +172,7 @@ fn from_cpuid() -> Option<u64> {
     if (0x4000_0010..0x4000_0100).contains(&hv) {
         let khz = cpuid(0x4000_0010)[0];
         if khz != 0 {
-            return Some(u64::from(khz));
+            return Some((u64::from(khz), RateSource::Hypervisor));
         }
     }
     None
@@ -178,5 +244,22 @@ impl Deadline {
     /// The wait it was made for, in ms.
     pub fn ms(&self) -> u64 {
         self.ms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_convert_to_ns() {
+        assert_eq!(ticks_to_ns_at(3_000_000, 3_000_000), 1_000_000);
+        assert_eq!(ticks_to_ns_at(2_596_124, 2_596_124), 1_000_000);
+        assert_eq!(ticks_to_ns_at(1, 1_000_000), 1);
+        assert_eq!(ticks_to_ns_at(5, 0), 0);
+        assert_eq!(ticks_to_ns_at(u64::MAX, 1), u64::MAX);
+        for v in 0..5 {
+            assert_eq!(RateSource::from_u8(v) as u8, v);
+        }
     }
 }

@@ -10,14 +10,20 @@
 //!
 //! Device memory: the queues and the buffers live in [`DmaPool`], a 16 KiB page-aligned arena
 //! in the probe's `.bss` (physical = virtual in the start code's identity map), handed to one
-//! user at a time. Rust code never holds a reference into it: every access is a volatile read
-//! or write through a raw pointer ([`DmaBuf`]), because the device writes it behind the
-//! compiler's back. A pool whose device could not be reset is never handed out again
-//! ([`DmaPool::keep_forever`]).
+//! user at a time; the blkbench check takes the large arena instead ([`DmaPool::take_large`],
+//! [`LARGE_DMA_ARENA_SIZE`], in its own section after the stacks, not zeroed at start). Rust
+//! code never holds a reference into either: every access is a volatile read or write through
+//! a raw pointer ([`DmaBuf`]), because the device writes it behind the compiler's back. A pool
+//! whose device could not be reset is never handed out again ([`DmaPool::keep_forever`]).
 //!
 //! Ordering: the driver writes descriptors and the avail ring entry, then a full fence
 //! (`compiler_fence` + `fence(SeqCst)`), then the avail index, a fence, then the notify
 //! register; it reads the used index, then a fence, then the used element and the buffers.
+//!
+//! [`transact`] keeps one request in flight. The split queue also takes many chains at once
+//! ([`SplitQueue::set_descriptor`], [`SplitQueue::offer`], [`SplitQueue::publish`], which says
+//! whether the device wants a notification: VIRTQ_USED_F_NO_NOTIFY, or avail_event with
+//! VIRTIO_F_EVENT_IDX), for the blkbench check.
 
 use core::cell::{Cell, UnsafeCell};
 use core::fmt;
@@ -42,6 +48,8 @@ pub const STATUS_FAILED: u8 = 0x80;
 
 /// Feature bit 32: virtio 1.x ("modern") device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit 29: used_event / avail_event index fields (notification suppression).
+pub const VIRTIO_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Device ID of a block device.
 pub const DEVICE_ID_BLOCK: u32 = 2;
@@ -61,6 +69,10 @@ const STATUS_POLL_INTERVAL: u32 = 4096;
 const DESC_F_NEXT: u16 = 1;
 /// Descriptor flag: the device writes this buffer.
 const DESC_F_WRITE: u16 = 2;
+/// Used ring flag: the device does not need notifications now (without EVENT_IDX).
+const USED_F_NO_NOTIFY: u16 = 1;
+/// Avail ring flag: the driver does not want interrupts (without EVENT_IDX).
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// What went wrong driving a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +121,8 @@ pub enum VirtioError {
     QueueMemory,
     /// The DMA pool is in use or too small.
     NoDma,
-    /// A request was posted while another is in flight (one at a time here).
+    /// A request was posted while another is in flight (one at a time with [`transact`]), or
+    /// a chain was offered while the queue holds as many chains as it has entries.
     Busy,
     /// A request with no segments, or more than the queue has descriptors.
     TooManySegments {
@@ -607,6 +620,34 @@ static ARENA: Arena = Arena(UnsafeCell::new([0; DMA_ARENA_SIZE]));
 /// Whether a DmaPool over ARENA exists (or was kept forever).
 static ARENA_TAKEN: AtomicBool = AtomicBool::new(false);
 
+/// Size of the large DMA arena: 8 MiB of data buffers (8 requests of 1 MiB, or 2048 of 4 KiB)
+/// and 64 KiB for a queue and request headers.
+pub const LARGE_DMA_ARENA_SIZE: usize = (8 << 20) + (64 << 10);
+
+// The large arena: page-aligned, in its own `@nobits` section that link.ld places after the
+// stacks, outside `.bss`, so that the ring-0 start code does not spend time zeroing it (that
+// runs emulated on a PVM host); it adds to the image's memory size, not to the file.
+// [`DmaBuf`] zeroes what it hands out.
+#[cfg(not(test))]
+core::arch::global_asm!(
+    ".pushsection .probe_dma, \"aw\", @nobits",
+    ".balign 4096",
+    ".globl probe_dma_large",
+    "probe_dma_large:",
+    ".skip {size}",
+    ".popsection",
+    size = const LARGE_DMA_ARENA_SIZE,
+);
+
+#[cfg(not(test))]
+extern "C" {
+    /// The large arena (defined above). Only [`DmaPool`] touches it, through raw pointers.
+    static mut probe_dma_large: [u8; LARGE_DMA_ARENA_SIZE];
+}
+
+/// Whether a DmaPool over the large arena exists (or was kept forever).
+static LARGE_ARENA_TAKEN: AtomicBool = AtomicBool::new(false);
+
 /// Memory that devices read and write: a bump allocator over a fixed region, one holder at a
 /// time. Dropping it makes the region available again; so reset the device first.
 pub struct DmaPool {
@@ -629,6 +670,30 @@ impl DmaPool {
             next: Cell::new(0),
             owner: Some(&ARENA_TAKEN),
         })
+    }
+
+    /// The large arena ([`LARGE_DMA_ARENA_SIZE`] bytes), unless another holder has it.
+    #[cfg(not(test))]
+    pub fn take_large() -> Option<Self> {
+        LARGE_ARENA_TAKEN
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .ok()?;
+        // Only the address is taken (no reference is made): the arena is defined in the
+        // global_asm! above with this size, page-aligned, and only DmaPool, one holder at a
+        // time (LARGE_ARENA_TAKEN), accesses it, with volatile raw-pointer accesses.
+        let base = core::ptr::addr_of_mut!(probe_dma_large).cast::<u8>();
+        Some(Self {
+            base,
+            len: LARGE_DMA_ARENA_SIZE,
+            next: Cell::new(0),
+            owner: Some(&LARGE_ARENA_TAKEN),
+        })
+    }
+
+    /// Host unit tests have no large arena.
+    #[cfg(test)]
+    pub fn take_large() -> Option<Self> {
+        None
     }
 
     /// A pool over `len` bytes at `base`, for unit tests.
@@ -784,9 +849,18 @@ impl DmaBuf<'_> {
         }
     }
 
-    /// Sets every byte to `value`.
+    /// Sets every byte to `value` (eight at a time where aligned: megabyte buffers).
     pub fn fill(&self, value: u8) {
-        for i in 0..self.len {
+        let head = self.ptr.align_offset(8).min(self.len);
+        let words = (self.len - head) / 8;
+        let word = u64::from_ne_bytes([value; 8]);
+        for i in 0..head {
+            self.write_u8(i, value);
+        }
+        for w in 0..words {
+            self.write_u64(head + 8 * w, word);
+        }
+        for i in head + 8 * words..self.len {
             self.write_u8(i, value);
         }
     }
@@ -904,14 +978,18 @@ pub struct Used {
     pub len: u32,
 }
 
-/// A split virtqueue driven one request at a time: each request's chain takes descriptors
-/// 0, 1, ...; the avail and used indexes run on.
+/// A split virtqueue. [`push`](Self::push) posts one request at a time, its chain in
+/// descriptors 0, 1, ...; or the caller writes chains where it likes
+/// ([`set_descriptor`](Self::set_descriptor)) and keeps many in flight
+/// ([`offer`](Self::offer), [`publish`](Self::publish)). The avail and used indexes run on.
 pub struct SplitQueue<'a> {
     mem: DmaBuf<'a>,
     layout: QueueLayout,
     index: u16,
     /// The driver's next avail index.
     avail_idx: u16,
+    /// The avail index the device was last shown.
+    published: u16,
     /// The used index up to which elements were taken.
     used_idx: u16,
     /// Requests posted and not yet used.
@@ -932,9 +1010,15 @@ impl<'a> SplitQueue<'a> {
             layout,
             index,
             avail_idx: 0,
+            published: 0,
             used_idx: 0,
             in_flight: 0,
         })
+    }
+
+    /// Its size (entries; also its number of descriptors).
+    pub fn size(&self) -> u16 {
+        self.layout.size
     }
 
     /// The queue's index on its device.
@@ -966,28 +1050,99 @@ impl<'a> SplitQueue<'a> {
             });
         }
         for (i, s) in segments.iter().enumerate() {
-            let d = self.layout.desc + 16 * i;
-            let mut flags = if s.device_writes { DESC_F_WRITE } else { 0 };
-            let next = if i + 1 < segments.len() {
-                flags |= DESC_F_NEXT;
-                (i + 1) as u16
-            } else {
-                0
-            };
-            self.mem.write_u64(d, s.addr);
-            self.mem.write_u32(d + 8, s.len);
-            self.mem.write_u16(d + 12, flags);
-            self.mem.write_u16(d + 14, next);
+            let next = (i + 1 < segments.len()).then_some((i + 1) as u16);
+            self.set_descriptor(i as u16, *s, next);
         }
         let head = 0u16;
-        let slot = usize::from(self.avail_idx % size);
-        self.mem.write_u16(self.layout.avail + 4 + 2 * slot, head);
-        barrier();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.write_u16(self.layout.avail + 2, self.avail_idx);
-        barrier();
-        self.in_flight += 1;
+        self.offer(head)?;
+        self.publish(false);
         Ok(head)
+    }
+
+    /// Writes descriptor `i` (below the queue size; others are ignored): `segment`, chained to
+    /// descriptor `next` when given.
+    pub fn set_descriptor(&mut self, i: u16, segment: Segment, next: Option<u16>) {
+        if i >= self.layout.size {
+            return;
+        }
+        let d = self.layout.desc + 16 * usize::from(i);
+        let mut flags = if segment.device_writes {
+            DESC_F_WRITE
+        } else {
+            0
+        };
+        if next.is_some() {
+            flags |= DESC_F_NEXT;
+        }
+        self.mem.write_u64(d, segment.addr);
+        self.mem.write_u32(d + 8, segment.len);
+        self.mem.write_u16(d + 12, flags);
+        self.mem.write_u16(d + 14, next.unwrap_or(0));
+    }
+
+    /// Offers the chain that starts at descriptor `head` (written with
+    /// [`set_descriptor`](Self::set_descriptor)): its avail ring entry. The device sees it after
+    /// [`publish`](Self::publish). `Busy` when as many chains as the queue has entries are in
+    /// flight already.
+    pub fn offer(&mut self, head: u16) -> Result<(), VirtioError> {
+        if self.in_flight >= self.layout.size {
+            return Err(VirtioError::Busy);
+        }
+        let slot = usize::from(self.avail_idx % self.layout.size);
+        self.mem.write_u16(self.layout.avail + 4 + 2 * slot, head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Shows the device the chains offered since the last call: a fence, the avail index, a
+    /// fence. Returns whether the device asked to be notified of them: with
+    /// VIRTIO_F_EVENT_IDX (`event_idx`), when the new index passed the used ring's avail_event
+    /// (virtio 1.2, 2.7.10); without, unless the used ring's flags have NO_NOTIFY. Nothing to
+    /// show: false.
+    pub fn publish(&mut self, event_idx: bool) -> bool {
+        let old = self.published;
+        let new = self.avail_idx;
+        if old == new {
+            return false;
+        }
+        barrier();
+        self.mem.write_u16(self.layout.avail + 2, new);
+        self.published = new;
+        barrier();
+        if event_idx {
+            let avail_event = self
+                .mem
+                .read_u16(self.layout.used + 4 + 8 * usize::from(self.layout.size));
+            new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            self.mem.read_u16(self.layout.used) & USED_F_NO_NOTIFY == 0
+        }
+    }
+
+    /// Asks the device not to interrupt (for a driver that polls): with VIRTIO_F_EVENT_IDX
+    /// (`event_idx`), used_event is put half the index space ahead of the used elements taken,
+    /// where the device cannot reach before the next call (call it after taking used
+    /// elements); without, the avail ring's flags get NO_INTERRUPT (a hint the device may
+    /// ignore).
+    pub fn suppress_interrupts(&mut self, event_idx: bool) {
+        if event_idx {
+            let used_event = self.layout.avail + 4 + 2 * usize::from(self.layout.size);
+            self.mem
+                .write_u16(used_event, self.used_idx.wrapping_add(0x8000));
+        } else {
+            self.mem.write_u16(self.layout.avail, AVAIL_F_NO_INTERRUPT);
+        }
+    }
+
+    /// Chains offered and not yet used.
+    pub fn in_flight(&self) -> u16 {
+        self.in_flight
+    }
+
+    /// The device's used index, as last written (one volatile read).
+    pub fn used_index(&self) -> u16 {
+        self.device_used_idx()
     }
 
     /// The device's used index, as last written.
@@ -998,6 +1153,13 @@ impl<'a> SplitQueue<'a> {
     /// Takes the next used element, if the device has returned one.
     pub fn pop_used(&mut self) -> Result<Option<Used>, VirtioError> {
         let idx = self.device_used_idx();
+        self.pop_used_before(idx)
+    }
+
+    /// Takes the next used element if the device's used index, read as `idx` (by
+    /// [`used_index`](Self::used_index)), is past it; saves re-reading the index for each
+    /// element of a batch.
+    pub fn pop_used_before(&mut self, idx: u16) -> Result<Option<Used>, VirtioError> {
         if idx == self.used_idx {
             return Ok(None);
         }

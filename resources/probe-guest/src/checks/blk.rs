@@ -44,35 +44,38 @@ pub const F_WRITE_ZEROES: u64 = 1 << 14;
 const WANTED: u64 = F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH;
 
 /// Configuration: capacity in 512-byte sectors (u64).
-const CONFIG_CAPACITY: usize = 0x00;
+pub const CONFIG_CAPACITY: usize = 0x00;
 /// Configuration: seg_max (u32).
-const CONFIG_SEG_MAX: usize = 0x0c;
+pub const CONFIG_SEG_MAX: usize = 0x0c;
 /// Configuration: blk_size (u32).
 const CONFIG_BLK_SIZE: usize = 0x14;
 
-/// Request types.
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
+/// Request type: read.
+pub const T_IN: u32 = 0;
+/// Request type: write.
+pub const T_OUT: u32 = 1;
+/// Request type: flush.
 const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
+/// Request type: get the device id.
+pub const T_GET_ID: u32 = 8;
 
 /// Request status: success.
-const S_OK: u8 = 0;
+pub const S_OK: u8 = 0;
 /// Request status: I/O error.
 const S_IOERR: u8 = 1;
 /// Request status: unsupported.
 const S_UNSUPP: u8 = 2;
 /// What the status byte holds before the device writes it.
-const S_UNWRITTEN: u8 = 0xff;
+pub const S_UNWRITTEN: u8 = 0xff;
 
 /// Sector size.
-const SECTOR: u64 = 512;
+pub const SECTOR: u64 = 512;
 /// Sectors written and read.
 const IO_SECTORS: u64 = 8;
 /// Bytes written and read.
 const IO_BYTES: usize = (IO_SECTORS * SECTOR) as usize;
 /// Length of a device id.
-const ID_LEN: usize = 20;
+pub const ID_LEN: usize = 20;
 /// Entries of queue 0 at most.
 const QUEUE_LIMIT: u16 = 16;
 /// How long one request may take, ms.
@@ -158,7 +161,7 @@ pub fn fill_pattern(sector: u64, out: &mut [u8]) {
 }
 
 /// A status byte's name.
-struct StatusName(u8);
+pub struct StatusName(pub u8);
 
 impl fmt::Display for StatusName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -235,7 +238,7 @@ struct StepError<'a> {
 }
 
 /// The id's text: up to the first NUL.
-fn id_text(id: &[u8; ID_LEN]) -> &[u8] {
+pub fn id_text(id: &[u8; ID_LEN]) -> &[u8] {
     let n = id.iter().position(|&b| b == 0).unwrap_or(ID_LEN);
     &id[..n]
 }

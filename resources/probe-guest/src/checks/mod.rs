@@ -16,6 +16,7 @@ use crate::text::Line;
 use crate::virtio::Mmio;
 
 pub mod blk;
+pub mod blkbench;
 pub mod boot;
 pub mod rng;
 
@@ -99,6 +100,10 @@ pub const REGISTRY: &[Check] = &[
     Check {
         name: "rng",
         run: rng::run,
+    },
+    Check {
+        name: "blkbench",
+        run: blkbench::run,
     },
 ];
 

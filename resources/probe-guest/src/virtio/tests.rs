@@ -493,6 +493,107 @@ fn requests_round_trip_many_times() {
 }
 
 #[test]
+fn many_chains_in_flight() {
+    let mut r = region();
+    let p = pool(&mut r);
+    let f = Fake::new(VIRTIO_F_VERSION_1);
+    f.0.borrow_mut().queue.max = 8;
+    negotiate(&f, 0).unwrap();
+    let mut q = setup_queue(&f, 0, 16, p.alloc(4096, 16).unwrap()).unwrap();
+    driver_ok(&f).unwrap();
+    assert_eq!(q.size(), 8);
+    // Four chains of two descriptors: a 4-byte device-readable header and a 4-byte buffer.
+    let bufs = p.alloc(64, 16).unwrap();
+    for i in 0..4u16 {
+        let at = bufs.addr() + 16 * u64::from(i);
+        let head = 2 * i;
+        let header = Segment {
+            addr: at,
+            len: 4,
+            device_writes: false,
+        };
+        let data = Segment {
+            addr: at + 8,
+            len: 4,
+            device_writes: true,
+        };
+        q.set_descriptor(head, header, Some(head + 1));
+        q.set_descriptor(head + 1, data, None);
+    }
+    // Out of range: ignored.
+    q.set_descriptor(8, bufs.readable(4), None);
+    for round in 0..5 {
+        for i in 0..4u16 {
+            q.offer(2 * i).unwrap();
+        }
+        assert_eq!(q.in_flight(), 4);
+        assert_eq!(
+            f.0.borrow().served,
+            4 * round,
+            "nothing shown before publish"
+        );
+        // Without EVENT_IDX the device wants notifications unless its flags say NO_NOTIFY.
+        assert!(q.publish(false));
+        assert!(!q.publish(false), "nothing new");
+        f.notify(0);
+        let idx = q.used_index();
+        let mut ids = Vec::new();
+        while let Some(u) = q.pop_used_before(idx).unwrap() {
+            assert_eq!(u.len, 4);
+            ids.push(u.id);
+        }
+        assert_eq!(ids, [0, 2, 4, 6]);
+        assert_eq!(q.in_flight(), 0);
+    }
+    // A full queue refuses more.
+    for i in 0..8 {
+        q.offer(i).unwrap();
+    }
+    assert_eq!(q.offer(0), Err(VirtioError::Busy));
+    // NO_NOTIFY in the used ring's flags: no notification wanted.
+    let used = f.0.borrow().queue.addr.device;
+    set_u16(used, USED_F_NO_NOTIFY);
+    assert!(!q.publish(false));
+}
+
+#[test]
+fn event_idx_notifications_and_interrupt_suppression() {
+    let mut r = region();
+    let p = pool(&mut r);
+    let f = Fake::new(VIRTIO_F_VERSION_1);
+    f.0.borrow_mut().queue.max = 8;
+    negotiate(&f, 0).unwrap();
+    let mut q = setup_queue(&f, 0, 16, p.alloc(4096, 16).unwrap()).unwrap();
+    let (driver, device) = {
+        let s = f.0.borrow();
+        (s.queue.addr.driver, s.queue.addr.device)
+    };
+    let avail_event = device + 4 + 8 * 8;
+    let used_event = driver + 4 + 2 * 8;
+    // The device waits at avail index 0: publishing 0 -> 2 crosses it.
+    set_u16(avail_event, 0);
+    q.offer(0).unwrap();
+    q.offer(1).unwrap();
+    assert!(q.publish(true));
+    // It asked at 1, which is behind what it was shown: publishing 2 -> 3 does not cross 1
+    // (it will look at the avail ring again on its own).
+    set_u16(avail_event, 1);
+    q.offer(2).unwrap();
+    assert!(!q.publish(true));
+    // It asked at 3, the index it was last shown: 3 -> 4 crosses it.
+    set_u16(avail_event, 3);
+    q.offer(3).unwrap();
+    assert!(q.publish(true));
+    // Interrupts: used_event half the index space ahead of what was taken; without EVENT_IDX
+    // the avail flags say NO_INTERRUPT.
+    q.suppress_interrupts(true);
+    assert_eq!(mem_u16(used_event), 0x8000);
+    assert_eq!(mem_u16(driver), 0);
+    q.suppress_interrupts(false);
+    assert_eq!(mem_u16(driver), AVAIL_F_NO_INTERRUPT);
+}
+
+#[test]
 fn misbehaving_devices() {
     let mut r = region();
     for (answer, want) in [
