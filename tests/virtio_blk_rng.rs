@@ -155,3 +155,40 @@ fn a_missing_or_unreadable_disk_is_refused_before_the_guest_runs() {
     );
     assert!(!r.stdout.contains("probe:"), "{}", r.both());
 }
+
+#[test]
+fn an_iops_limit_bounds_what_the_guest_gets() {
+    // The bucket holds 200 ops and refills 200 a second: over t seconds the guest can
+    // complete at most 200 + 200 t requests, however fast the host is. Unlimited, this
+    // workload completes hundreds of thousands.
+    let d = scratch("blk-iops");
+    let img = image(&d, "limited.img", 16, 1);
+    let r = cgvm_run(&[
+        "--kernel",
+        &probe(),
+        "--disk",
+        &format!("{},persist,iops=200", img.display()),
+        "--cmdline",
+        "probe.tests=blkbench probe.bench_ms=1000 probe.bench_workloads=rand-read-4k",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(r.status, Some(0), "{}", r.both());
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("probe: blkbench rand-read-4k "))
+        .unwrap_or_else(|| panic!("no workload line: {}", r.both()));
+    let field = |k: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {line}"))
+    };
+    let (ops, secs) = (field("ops="), field("ns=") / 1e9);
+    let bound = 200.0 + 200.0 * secs * 1.05 + 40.0; // 5% clock slack, requests in flight
+    assert!(
+        ops > 0.0 && ops <= bound,
+        "{ops} ops in {secs:.3} s: {line}"
+    );
+}
