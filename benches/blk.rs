@@ -39,7 +39,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::{env, thread};
 
-type Result<T> = std::result::Result<T, String>;
+mod common;
+
+use common::{build_probe_guest, Result, TempDir};
 
 const USAGE: &str = "\
 usage: cargo bench --bench blk -- [OPTIONS]
@@ -200,53 +202,6 @@ fn parse_list(value: &str) -> Vec<String> {
 }
 
 // --- files --------------------------------------------------------------------------------------
-
-/// A directory removed (best effort) when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    /// A fresh directory under `parent`.
-    fn new(parent: &Path) -> Result<Self> {
-        let path = parent.join(format!("cgvm-blk-bench.{}", std::process::id()));
-        fs::create_dir_all(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Builds the probe guest into `dir` and returns the ELF's path.
-fn build_probe_guest(dir: &Path) -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/probe-guest/build.sh");
-    if !script.is_file() {
-        return Err(format!(
-            "{} does not exist: pass the guest with --kernel PATH",
-            script.display()
-        ));
-    }
-    let elf = dir.join("probe.elf");
-    eprintln!(
-        "blk bench: building the probe guest with {}",
-        script.display()
-    );
-    let status = Command::new(&script)
-        .arg(&elf)
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .status()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !status.success() {
-        return Err(format!("{} failed ({status})", script.display()));
-    }
-    if !elf.is_file() {
-        return Err(format!("{} made no {}", script.display(), elf.display()));
-    }
-    Ok(elf)
-}
 
 /// Writes `bytes` of non-zero, non-repeating data to a new file at `path` and syncs it.
 fn make_disk_image(path: &Path, bytes: u64) -> Result<()> {
@@ -1076,10 +1031,10 @@ fn bench(opts: &Options) -> Result<bool> {
             opts.vmm.display()
         ));
     }
-    let temp = TempDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")))?;
+    let temp = TempDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "blk-bench")?;
     let kernel = match &opts.kernel {
         Some(kernel) => kernel.clone(),
-        None => build_probe_guest(&temp.0)?,
+        None => build_probe_guest(&temp.0, "blk bench")?,
     };
     let file = match &opts.file {
         Some(file) => file.clone(),

@@ -24,9 +24,11 @@ use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
-use std::{env, fs, io, thread};
+use std::{env, io, thread};
 
-type Result<T> = std::result::Result<T, String>;
+mod common;
+
+use common::{build_probe_guest, Result, TempDir};
 
 const USAGE: &str = "\
 usage: cargo bench --bench boot -- [OPTIONS]
@@ -128,52 +130,6 @@ fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T> {
 }
 
 // --- the guest kernel ---------------------------------------------------------------------------
-
-/// A directory removed (best effort) when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<Self> {
-        let path = env::temp_dir().join(format!("cgvm-boot-bench.{}", std::process::id()));
-        fs::create_dir_all(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Builds the probe guest into `dir` and returns the ELF's path.
-fn build_probe_guest(dir: &Path) -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/probe-guest/build.sh");
-    if !script.is_file() {
-        return Err(format!(
-            "{} does not exist (yet): pass the guest with --kernel PATH",
-            script.display()
-        ));
-    }
-    let elf = dir.join("probe.elf");
-    eprintln!(
-        "boot bench: building the probe guest with {}",
-        script.display()
-    );
-    let status = Command::new(&script)
-        .arg(&elf)
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .status()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !status.success() {
-        return Err(format!("{} failed ({status})", script.display()));
-    }
-    if !elf.is_file() {
-        return Err(format!("{} made no {}", script.display(), elf.display()));
-    }
-    Ok(elf)
-}
 
 // --- one run ------------------------------------------------------------------------------------
 
@@ -574,8 +530,8 @@ fn bench(opts: &Options) -> Result<bool> {
     let kernel = match &opts.kernel {
         Some(kernel) => kernel.clone(),
         None => {
-            temp = TempDir::new()?;
-            build_probe_guest(&temp.0)?
+            temp = TempDir::new(&env::temp_dir(), "boot-bench")?;
+            build_probe_guest(&temp.0, "boot bench")?
         }
     };
     let args = cgvm_args(opts, &kernel);
