@@ -602,6 +602,26 @@ pub fn driver_ok<T: Transport>(t: &T) -> Result<(), VirtioError> {
     )
 }
 
+/// The whole start of a device with one queue: [`negotiate`] for `wanted`, queue 0 of at
+/// most `limit` entries in memory from `pool`, [`driver_ok`]. Returns the features in force,
+/// those offered and the queue; on failure, the step that failed ("init", "queue 0", or
+/// "setup" when the pool has no room) and why.
+pub fn start_one_queue<'p, T: Transport>(
+    t: &T,
+    pool: &'p DmaPool,
+    wanted: u64,
+    limit: u16,
+) -> Result<(u64, u64, SplitQueue<'p>), (&'static str, VirtioError)> {
+    let (features, offered) = negotiate(t, wanted).map_err(|e| ("init", e))?;
+    let layout = QueueLayout::new(limit).ok_or(("setup", VirtioError::QueueMemory))?;
+    let ring = pool
+        .alloc(layout.len, QueueLayout::ALIGN)
+        .ok_or(("setup", VirtioError::NoDma))?;
+    let queue = setup_queue(t, 0, limit, ring).map_err(|e| ("queue 0", e))?;
+    driver_ok(t).map_err(|e| ("init", e))?;
+    Ok((features, offered, queue))
+}
+
 // ---------------------------------------------------------------------------------------------
 // DMA memory
 

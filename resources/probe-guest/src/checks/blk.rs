@@ -24,8 +24,8 @@ use crate::checks::{self, Context, Report};
 use crate::discovery::Device;
 use crate::text::{Escaped, Line, Size};
 use crate::virtio::{
-    self, config_u64, read_config, DmaBuf, DmaPool, Failure, Mmio, QueueLayout, SplitQueue,
-    Transport, VirtioError, DEVICE_ID_BLOCK,
+    self, config_u64, read_config, DmaBuf, DmaPool, Failure, Mmio, SplitQueue, Transport,
+    VirtioError, DEVICE_ID_BLOCK,
 };
 
 /// Feature: seg_max is valid.
@@ -459,14 +459,8 @@ fn drive<'w>(
         problem: Problem::Virtio(VirtioError::NoDma),
     };
 
-    let (features, offered) = virtio::negotiate(mmio, WANTED).map_err(virtio_at("init"))?;
-    let layout = QueueLayout::new(QUEUE_LIMIT).ok_or_else(no_dma)?;
-    let ring = pool
-        .alloc(layout.len, QueueLayout::ALIGN)
-        .ok_or_else(no_dma)?;
-    let mut queue =
-        virtio::setup_queue(mmio, 0, QUEUE_LIMIT, ring).map_err(virtio_at("queue 0"))?;
-    virtio::driver_ok(mmio).map_err(virtio_at("init"))?;
+    let (features, offered, mut queue) = virtio::start_one_queue(mmio, pool, WANTED, QUEUE_LIMIT)
+        .map_err(|(step, e)| virtio_at(step)(e))?;
     let b = Buffers {
         header: pool.alloc(16, 16).ok_or_else(no_dma)?,
         status: pool.alloc(1, 1).ok_or_else(no_dma)?,

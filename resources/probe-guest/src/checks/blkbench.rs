@@ -41,8 +41,8 @@ use crate::discovery::Device;
 use crate::text::{Escaped, Line, Size};
 use crate::tsc;
 use crate::virtio::{
-    self, config_u64, read_config, DmaBuf, DmaPool, Failure, Mmio, QueueLayout, Segment,
-    SplitQueue, Transport, VirtioError, DEVICE_ID_BLOCK, VIRTIO_F_EVENT_IDX,
+    self, config_u64, read_config, DmaBuf, DmaPool, Failure, Mmio, Segment, SplitQueue, Transport,
+    VirtioError, DEVICE_ID_BLOCK, VIRTIO_F_EVENT_IDX,
 };
 
 /// Feature: size_max is valid.
@@ -410,14 +410,8 @@ fn drive(
         step: "setup",
         problem: Problem::Virtio(VirtioError::NoDma),
     };
-    let (features, _offered) = virtio::negotiate(mmio, WANTED).map_err(virtio_at("init"))?;
-    let layout = QueueLayout::new(QUEUE_LIMIT).ok_or_else(no_dma)?;
-    let ring = pool
-        .alloc(layout.len, QueueLayout::ALIGN)
-        .ok_or_else(no_dma)?;
-    let mut queue =
-        virtio::setup_queue(mmio, 0, QUEUE_LIMIT, ring).map_err(virtio_at("queue 0"))?;
-    virtio::driver_ok(mmio).map_err(virtio_at("init"))?;
+    let (features, _offered, mut queue) = virtio::start_one_queue(mmio, pool, WANTED, QUEUE_LIMIT)
+        .map_err(|(step, e)| virtio_at(step)(e))?;
     let b = Buffers {
         headers: pool.alloc(16 * MAX_SLOTS, 16).ok_or_else(no_dma)?,
         statuses: pool.alloc(MAX_SLOTS, 1).ok_or_else(no_dma)?,

@@ -10,7 +10,7 @@ use core::fmt;
 
 use crate::checks::{self, Context, Report};
 use crate::discovery::Device;
-use crate::virtio::{self, DmaPool, Failure, Mmio, QueueLayout, VirtioError, DEVICE_ID_ENTROPY};
+use crate::virtio::{self, DmaPool, Failure, Mmio, VirtioError, DEVICE_ID_ENTROPY};
 
 /// Bytes asked for.
 const REQUEST_LEN: usize = 64;
@@ -114,13 +114,8 @@ fn check_device(d: &Device, report: &mut Report) {
 /// Initializes the device, asks for [`REQUEST_LEN`] bytes, checks them; the number of bytes.
 fn request(mmio: &Mmio, pool: &DmaPool) -> Result<u32, Problem> {
     let v = |step| move |e| Problem::Virtio(step, e);
-    let no_dma = Problem::Virtio("setup", VirtioError::NoDma);
-    virtio::negotiate(mmio, 0).map_err(v("init"))?;
-    let layout =
-        QueueLayout::new(QUEUE_LIMIT).ok_or(Problem::Virtio("setup", VirtioError::QueueMemory))?;
-    let ring = pool.alloc(layout.len, QueueLayout::ALIGN).ok_or(no_dma)?;
-    let mut queue = virtio::setup_queue(mmio, 0, QUEUE_LIMIT, ring).map_err(v("queue 0"))?;
-    virtio::driver_ok(mmio).map_err(v("init"))?;
+    let (_, _, mut queue) = virtio::start_one_queue(mmio, pool, 0, QUEUE_LIMIT)
+        .map_err(|(step, e)| Problem::Virtio(step, e))?;
     let buf = pool
         .alloc(REQUEST_LEN, 16)
         .ok_or(Problem::Virtio("setup", VirtioError::NoDma))?;
