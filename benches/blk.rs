@@ -41,7 +41,7 @@ use std::{env, thread};
 
 mod common;
 
-use common::{build_probe_guest, Result, TempDir};
+use common::{build_probe_guest, parse_number, Result, TempDir};
 
 const USAGE: &str = "\
 usage: cargo bench --bench blk -- [OPTIONS]
@@ -185,12 +185,6 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request> {
         return Err("--workloads names no workload".to_string());
     }
     Ok(Request::Run(opts))
-}
-
-fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T> {
-    value
-        .parse()
-        .map_err(|_| format!("{option} wants a number, not {value:?}"))
 }
 
 fn parse_list(value: &str) -> Vec<String> {

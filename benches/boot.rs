@@ -28,7 +28,7 @@ use std::{env, io, thread};
 
 mod common;
 
-use common::{build_probe_guest, Result, TempDir};
+use common::{build_probe_guest, parse_number, Result, TempDir};
 
 const USAGE: &str = "\
 usage: cargo bench --bench boot -- [OPTIONS]
@@ -121,12 +121,6 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request> {
         return Err("--runs must be at least 1".to_string());
     }
     Ok(Request::Run(opts))
-}
-
-fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T> {
-    value
-        .parse()
-        .map_err(|_| format!("{option} wants a number, not {value:?}"))
 }
 
 // --- the guest kernel ---------------------------------------------------------------------------

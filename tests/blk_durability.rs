@@ -10,11 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn probe_pattern(sector: u64) -> Vec<u8> {
-    let line = format!("cgvm-probe-blk sector {sector}\n");
-    line.bytes().cycle().take(4096).collect()
-}
-
 #[test]
 fn flushed_writes_survive_a_sigkill_and_a_killed_run_leaves_no_overlay() {
     for engine in ["sync", "uring"] {
@@ -84,13 +79,8 @@ fn flushed_writes_survive_a_sigkill_and_a_killed_run_leaves_no_overlay() {
             std::fs::read(&base).unwrap().iter().all(|&b| b == 0x42),
             "{engine}"
         );
-        let mut names: Vec<_> = std::fs::read_dir(&d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
         assert_eq!(
-            names,
+            dir_listing(&d),
             ["base.img", "data.img"],
             "{engine}: nothing left beside the images"
         );

@@ -18,15 +18,6 @@ fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
-fn listing(dir: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .expect("list")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn a_finished_machine_leaves_no_thread_fd_or_file() {
     let kernel = probe_elf().to_path_buf();
@@ -35,7 +26,7 @@ fn a_finished_machine_leaves_no_thread_fd_or_file() {
     let per = d.join("persist.img");
     std::fs::write(&eph, vec![7u8; 8 << 20]).unwrap();
     std::fs::write(&per, vec![0u8; 8 << 20]).unwrap();
-    let files_before = listing(&d);
+    let files_before = dir_listing(&d);
     let disk = |path: &std::path::Path, ephemeral: bool, engine| DiskConfig {
         path: path.to_path_buf(),
         read_only: false,
@@ -84,7 +75,7 @@ fn a_finished_machine_leaves_no_thread_fd_or_file() {
             fds,
             "round {round}: descriptors left"
         );
-        assert_eq!(listing(&d), files_before, "round {round}: files left");
+        assert_eq!(dir_listing(&d), files_before, "round {round}: files left");
     }
     assert!(
         std::fs::read(&eph).unwrap().iter().all(|&b| b == 7),

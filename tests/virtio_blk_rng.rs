@@ -7,30 +7,10 @@ use std::path::Path;
 
 use common::*;
 
-/// The pattern the probe's blk check writes at `sector` (see the probe's README).
-fn probe_pattern(sector: u64) -> Vec<u8> {
-    let line = format!("cgvm-probe-blk sector {sector}\n");
-    line.bytes().cycle().take(4096).collect()
-}
-
 fn image(dir: &Path, name: &str, mib: u64, fill: u8) -> std::path::PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, vec![fill; (mib << 20) as usize]).expect("write the image");
     p
-}
-
-fn dir_listing(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .expect("list the directory")
-        .map(|e| {
-            e.expect("directory entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 fn probe() -> String {

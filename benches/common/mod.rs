@@ -51,3 +51,10 @@ pub fn build_probe_guest(dir: &Path, who: &str) -> Result<PathBuf> {
     }
     Ok(elf)
 }
+
+/// Parses the number given to `option`.
+pub fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T> {
+    value
+        .parse()
+        .map_err(|_| format!("{option} wants a number, not {value:?}"))
+}

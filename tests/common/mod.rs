@@ -156,3 +156,24 @@ pub fn cgvm_run(args: &[&str]) -> Finished {
 pub fn pvm_host() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
+
+/// The 4 KiB pattern the probe's blk check writes at `sector` (see the probe's README).
+pub fn probe_pattern(sector: u64) -> Vec<u8> {
+    let line = format!("cgvm-probe-blk sector {sector}\n");
+    line.bytes().cycle().take(4096).collect()
+}
+
+/// The names in `dir`, sorted.
+pub fn dir_listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("list the directory")
+        .map(|e| {
+            e.expect("directory entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    v.sort();
+    v
+}
