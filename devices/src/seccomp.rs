@@ -34,10 +34,13 @@ pub const DEVICE_THREAD_BASE: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_futex,
     libc::SYS_mmap,
+    // Also what unmaps an io_uring ring a disk swap retired (dropped on the device thread).
     libc::SYS_munmap,
     libc::SYS_mremap,
     libc::SYS_madvise,
     libc::SYS_brk,
+    // Also what closes what a runtime change retires on the device thread: a swapped-out
+    // image and its overlay, its ring and the ring's eventfd, a replaced limiter's timerfd.
     libc::SYS_close,
     libc::SYS_clock_gettime,
     libc::SYS_sched_yield,

@@ -228,6 +228,25 @@ impl RateLimiter {
         }
     }
 
+    /// Ends a wait early: disarms the timer and lets the next [`consume`](Self::consume) try
+    /// the buckets again. A device calls it after [`update_buckets`](Self::update_buckets),
+    /// so that a request held back under the old buckets is retried under the new ones at
+    /// once rather than when the old wait ends; one the buckets still cannot pay blocks the
+    /// limiter again, with the timer armed for the new wait. Does nothing when not blocked,
+    /// or when the timer cannot be disarmed (it then still fires as armed).
+    pub fn unblock(&mut self) {
+        if !self.blocked {
+            return;
+        }
+        // Disarming also resets the expiry count, so the fd is no longer readable.
+        if let Err(e) = self.timer.clear() {
+            log::warn!("rate limiter: cannot disarm the timer, waiting for it: {e}");
+            return;
+        }
+        self.blocked = false;
+        self.armed_for = None;
+    }
+
     /// The buckets as configured now (absent when disabled).
     pub fn config(&self) -> RateLimiterConfig {
         RateLimiterConfig {
@@ -533,6 +552,46 @@ mod tests {
         });
         assert!(rl.is_blocked());
         assert!(rl.timer.is_armed().unwrap());
+    }
+
+    #[test]
+    fn unblock_disarms_the_timer_and_retries_at_once() {
+        let (mut rl, _clock) = limiter(None, Some(tb(1, None, 3_600_000)));
+        rl.unblock(); // not blocked: nothing happens
+        assert!(rl.consume(1, TokenType::Ops));
+        assert!(!rl.consume(1, TokenType::Ops));
+        assert!(rl.timer.is_armed().unwrap());
+        // New buckets, then the retry goes through without waiting for the old timer.
+        rl.update_buckets(&RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(tb(2, None, 3_600_000)),
+        });
+        rl.unblock();
+        assert!(!rl.is_blocked());
+        assert!(!rl.timer.is_armed().unwrap());
+        assert!(matches!(
+            rl.event_handler(),
+            Err(RateLimiterError::SpuriousEvent)
+        ));
+        assert!(rl.consume(1, TokenType::Ops));
+        assert!(rl.consume(1, TokenType::Ops));
+        // Buckets that still cannot pay block again, for the new wait.
+        assert!(!rl.consume(1, TokenType::Ops));
+        assert!(rl.is_blocked());
+        assert_eq!(rl.armed_for, Some(Duration::from_secs(1800)));
+        // An expired, unread timer is read away too: the fd is no longer readable.
+        let (mut rl, _clock) = limiter(None, Some(tb(1, None, 1000)));
+        assert!(rl.consume(1, TokenType::Ops));
+        assert!(!rl.consume(1, TokenType::Ops));
+        wait_for_timer(&rl);
+        rl.unblock();
+        let mut pfd = libc::pollfd {
+            fd: rl.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll writes only the revents of our one pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 0);
     }
 
     #[test]

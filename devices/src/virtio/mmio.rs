@@ -175,7 +175,11 @@ impl MmioTransport {
             0x44 => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
             0x60 => self.interrupt.status.load(Ordering::Acquire),
             0x70 => self.current_status(),
-            0xfc => self.config_generation,
+            // The transport's own count (resets, driver writes) plus the device's (changes it
+            // makes on its own): the sum changes whenever either does.
+            0xfc => self
+                .config_generation
+                .wrapping_add(self.device.config_generation()),
             _ => {
                 log::debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0

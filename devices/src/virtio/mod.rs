@@ -139,6 +139,16 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Reads its configuration space; bytes past the end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// A counter that changes whenever the device changes its configuration space on its own
+    /// (a disk resized by a backing-file swap, say): the transport adds it to its own
+    /// configuration generation, which a driver reads before and after reading the
+    /// configuration space to know whether it read a consistent copy. A device must change
+    /// the counter and the configuration space together, atomically with respect to
+    /// [`read_config`](Self::read_config) and this method. Devices whose configuration
+    /// space only changes through the driver keep the default, 0.
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// Writes its configuration space; most devices ignore writes.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         log::debug!(

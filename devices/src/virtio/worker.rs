@@ -2,7 +2,13 @@
 //! device's queue eventfds, its backend's fds and a stop eventfd. The thread installs its
 //! seccomp filter before it touches anything the guest controls. A worker that returns an
 //! error or panics marks its device as needing a reset and ends; the VMM keeps running.
+//!
+//! A worker may change what it waits on while it runs ([`Sources`]): a backend replaced at
+//! run time (a disk's new io_uring ring, a new rate limiter) brings new descriptors, created
+//! on another thread and handed over; the worker adds them to its epoll set and removes the
+//! old ones before it closes them.
 
+use std::cell::RefCell;
 use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -26,9 +32,50 @@ pub trait DeviceWorker: Send + 'static {
     /// The system calls this kind needs beyond those every device thread has
     /// ([`seccomp::DEVICE_THREAD_BASE`]).
     fn syscalls(&self) -> &'static [i64];
-    /// The descriptor of `token` is readable. An error ends the worker and marks the device
-    /// as needing a reset.
-    fn handle(&mut self, token: u32) -> Result<(), String>;
+    /// The descriptor of `token` is readable. `sources` changes what the thread waits on.
+    /// An error ends the worker and marks the device as needing a reset.
+    fn handle(&mut self, token: u32, sources: &Sources<'_>) -> Result<(), String>;
+}
+
+/// The epoll set of a running device thread, as its worker may change it.
+pub struct Sources<'a> {
+    epoll: Option<&'a Epoll>,
+    /// What is in the set besides the stop eventfd (removed from it if the worker fails).
+    registered: RefCell<Vec<RawFd>>,
+}
+
+impl Sources<'_> {
+    /// The sources of a worker driven without a thread (tests): changes are not made
+    /// anywhere; whoever drives the worker asks [`DeviceWorker::sources`] again.
+    pub fn detached() -> Sources<'static> {
+        Sources {
+            epoll: None,
+            registered: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Starts waiting on `fd`; its events come back to the worker as `token`.
+    pub fn add(&self, fd: RawFd, token: u32) -> std::io::Result<()> {
+        if let Some(e) = self.epoll {
+            e.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, u64::from(token)),
+            )?;
+            self.registered.borrow_mut().push(fd);
+        }
+        Ok(())
+    }
+
+    /// Stops waiting on `fd`; call it before `fd` is closed. Events of `fd` that were already
+    /// collected may still reach the worker once, with the token `fd` had.
+    pub fn remove(&self, fd: RawFd) -> std::io::Result<()> {
+        let Some(e) = self.epoll else {
+            return Ok(());
+        };
+        self.registered.borrow_mut().retain(|&r| r != fd);
+        e.ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
 }
 
 /// A running device thread; dropping it stops the thread and waits for it.
@@ -96,13 +143,10 @@ pub fn spawn<W: DeviceWorker>(
                 }
                 crate::mark_confined_thread();
             }
-            if run(worker, &epoll, &thread_stop) == Ended::Broken {
+            let registered = sources.iter().map(|&(fd, _)| fd).collect();
+            if run(worker, &epoll, &thread_stop, registered) == Ended::Broken {
                 health.mark_broken();
                 let _ = interrupt.trigger(InterruptReason::Config);
-                // Stop watching the device's sources and wait to be stopped, without spinning.
-                for (fd, _) in sources {
-                    let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                }
                 wait_for_stop(&epoll, &thread_stop);
             }
         })?;
@@ -118,33 +162,54 @@ enum Ended {
     Broken,
 }
 
-fn run<W: DeviceWorker>(mut worker: W, epoll: &Epoll, stop: &EventFd) -> Ended {
+/// Runs `worker` until it is stopped or fails; `registered` is what the epoll set holds
+/// besides the stop eventfd. A failed worker's sources leave the set (so that waiting to be
+/// stopped does not spin) before the worker is dropped.
+fn run<W: DeviceWorker>(
+    mut worker: W,
+    epoll: &Epoll,
+    stop: &EventFd,
+    registered: Vec<RawFd>,
+) -> Ended {
     let kind = worker.kind();
+    let sources = Sources {
+        epoll: Some(epoll),
+        registered: RefCell::new(registered),
+    };
     let mut events = vec![EpollEvent::default(); 16];
-    loop {
+    let ended = 'wait: loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => {
                 log::error!("{kind}: epoll failed: {e}; the device needs a reset");
-                return Ended::Broken;
+                break Ended::Broken;
             }
         };
         for ev in &events[..n] {
             let token = ev.data() as u32;
             if token == STOP_TOKEN {
                 let _ = stop.read();
-                return Ended::Stopped;
+                break 'wait Ended::Stopped;
             }
-            let why = match catch_unwind(AssertUnwindSafe(|| worker.handle(token))) {
+            let why = match catch_unwind(AssertUnwindSafe(|| worker.handle(token, &sources))) {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => e,
                 Err(panic) => format!("panicked: {}", crate::panic_message(panic.as_ref())),
             };
             log::error!("{kind}: {why}; the device needs a reset");
-            return Ended::Broken;
+            break 'wait Ended::Broken;
+        }
+    };
+    if ended == Ended::Broken {
+        // While the descriptors are still open: one closed first would stay in the set for as
+        // long as a duplicate of it lives (the transport keeps the queue eventfds).
+        for fd in sources.registered.take() {
+            let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
     }
+    drop(worker);
+    ended
 }
 
 fn wait_for_stop(epoll: &Epoll, stop: &EventFd) {
@@ -200,7 +265,7 @@ mod tests {
         fn syscalls(&self) -> &'static [i64] {
             &[]
         }
-        fn handle(&mut self, _token: u32) -> Result<(), String> {
+        fn handle(&mut self, _token: u32, _sources: &Sources<'_>) -> Result<(), String> {
             let _ = self.evt.read();
             if self.panic {
                 panic!("boom");
@@ -247,6 +312,84 @@ mod tests {
     #[test]
     fn a_worker_error_marks_its_device_needs_reset() {
         fails_into_needs_reset(false);
+    }
+
+    /// A worker that, on an event of its first eventfd, starts waiting on its second, and
+    /// stops waiting on it after one event.
+    struct Switching {
+        first: EventFd,
+        second: EventFd,
+        seen: Arc<AtomicU32>,
+    }
+
+    impl DeviceWorker for Switching {
+        fn kind(&self) -> &'static str {
+            "test-switching"
+        }
+        fn sources(&self) -> Vec<(RawFd, u32)> {
+            vec![(self.first.as_raw_fd(), 0)]
+        }
+        fn syscalls(&self) -> &'static [i64] {
+            &[]
+        }
+        fn handle(&mut self, token: u32, sources: &Sources<'_>) -> Result<(), String> {
+            match token {
+                0 => {
+                    let _ = self.first.read();
+                    sources
+                        .add(self.second.as_raw_fd(), 1)
+                        .map_err(|e| e.to_string())
+                }
+                _ => {
+                    let _ = self.second.read();
+                    self.seen.fetch_add(1, Ordering::SeqCst);
+                    sources
+                        .remove(self.second.as_raw_fd())
+                        .map_err(|e| e.to_string())
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_worker_changes_what_its_thread_waits_on() {
+        let health = DeviceHealth::new();
+        let intr = Arc::new(CountingInterrupt::default());
+        let first = EventFd::new(EFD_NONBLOCK).unwrap();
+        let second = EventFd::new(EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(AtomicU32::new(0));
+        let worker = Switching {
+            first: first.try_clone().unwrap(),
+            second: second.try_clone().unwrap(),
+            seen: seen.clone(),
+        };
+        let handle = spawn(worker, health.clone(), intr).unwrap();
+        let wait_for = |n: u32| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while seen.load(Ordering::SeqCst) != n && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            assert_eq!(seen.load(Ordering::SeqCst), n);
+        };
+        // Not a source yet: nothing seen.
+        second.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(seen.load(Ordering::SeqCst), 0);
+        // Added: its pending event arrives; then removed, further events do not.
+        first.write(1).unwrap();
+        wait_for(1);
+        second.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+        // And again.
+        first.write(1).unwrap();
+        wait_for(2);
+        assert!(!health.is_broken());
+        handle.stop();
+        // Detached sources change nothing and never fail.
+        let d = Sources::detached();
+        d.add(first.as_raw_fd(), 0).unwrap();
+        d.remove(first.as_raw_fd()).unwrap();
     }
 
     #[test]

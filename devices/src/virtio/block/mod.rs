@@ -8,13 +8,18 @@
 //! - `disk` and `overlay`: opening the image (read-write, read-only, or ephemeral behind a
 //!   throw-away overlay) and the file operations on it;
 //! - `engine`: executing requests, synchronously on the device thread or through io_uring;
-//! - `worker`: the device thread ([`BlockWorker`]): queue, rate limiter, completions.
+//! - `worker`: the device thread ([`BlockWorker`]): queue, rate limiter, completions;
+//! - `control`: [`BlockControl`], changing the backing file or the rate limiter while the
+//!   guest runs.
 //!
 //! The disk, the engine (the io_uring ring) and the rate limiter are created by
 //! [`Block::new`], before any guest runs, and outlive activations: a worker takes them when
 //! the driver sets DRIVER_OK and gives them back when it stops, so a guest reboot keeps an
-//! ephemeral disk's writes and no new file descriptor is opened on a device thread.
+//! ephemeral disk's writes and no new file descriptor is opened on a device thread. A
+//! [`BlockControl`] replaces them at run time: it opens the new ones on its caller's thread
+//! and hands them to the worker (or puts them in place itself while no worker runs).
 
+mod control;
 mod disk;
 mod engine;
 mod fileio;
@@ -24,7 +29,7 @@ mod worker;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use super::worker::{spawn, WorkerHandle};
 use super::{
@@ -33,6 +38,7 @@ use super::{
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 
+pub use control::{BlockControl, CONTROL_TIMEOUT};
 pub use engine::Engine;
 pub use overlay::OVERLAY_BLOCK_SIZE;
 pub use request::{
@@ -132,6 +138,18 @@ pub enum BlockError {
         #[source]
         source: crate::rate_limiter::RateLimiterError,
     },
+    /// The device thread did not take a change ([`BlockControl`]) in time; the change was
+    /// withdrawn and the disk is as it was.
+    #[error(
+        "disk {path}: the device thread did not take the change within {timeout:?}; \
+         nothing was changed"
+    )]
+    Timeout {
+        /// The image being installed (for a swap) or in use.
+        path: PathBuf,
+        /// How long the caller waited.
+        timeout: std::time::Duration,
+    },
 }
 
 /// Counters of one disk, shared with whoever reads them (the VMM's metrics).
@@ -168,22 +186,10 @@ pub(crate) struct BlockState {
     serial: [u8; ID_BYTES],
 }
 
-/// Where the [`BlockState`] waits while no worker runs.
-pub(crate) type StateSlot = Arc<Mutex<Option<BlockState>>>;
-
-fn lock_slot(slot: &StateSlot) -> MutexGuard<'_, Option<BlockState>> {
-    // A worker never panics while holding the lock (it only moves the state in or out), so a
-    // poisoned lock still holds a consistent value.
-    slot.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The virtio block device.
 pub struct Block {
-    path: PathBuf,
-    capacity: u64,
     read_only: bool,
-    config_space: [u8; CONFIG_SPACE_SIZE],
-    slot: StateSlot,
+    shared: Arc<control::Shared>,
     metrics: Arc<BlockMetrics>,
     worker: Option<WorkerHandle>,
 }
@@ -219,17 +225,21 @@ impl Block {
             disk.describe(),
             executor.name()
         );
+        let state = BlockState {
+            disk,
+            executor,
+            limiter,
+            serial,
+        };
+        let path = config.path.clone();
+        let shared = control::Shared::new(config, state).map_err(|source| BlockError::Io {
+            path,
+            what: "cannot create the control eventfd",
+            source,
+        })?;
         Ok(Self {
-            path: config.path,
-            capacity,
             read_only,
-            config_space: config_space(capacity),
-            slot: Arc::new(Mutex::new(Some(BlockState {
-                disk,
-                executor,
-                limiter,
-                serial,
-            }))),
+            shared: Arc::new(shared),
             metrics: Arc::new(BlockMetrics::default()),
             worker: None,
         })
@@ -240,9 +250,15 @@ impl Block {
         self.metrics.clone()
     }
 
-    /// The disk's size in 512-byte sectors.
+    /// A handle that swaps the backing file or replaces the rate limiter while the guest
+    /// runs; take it before the device goes into its transport.
+    pub fn control(&self) -> BlockControl {
+        BlockControl::new(self.shared.clone())
+    }
+
+    /// The disk's size in 512-byte sectors (it changes when the backing file is swapped).
     pub fn capacity_sectors(&self) -> u64 {
-        self.capacity
+        self.shared.capacity()
     }
 
     /// Whether the guest sees a read-only disk.
@@ -250,9 +266,9 @@ impl Block {
         self.read_only
     }
 
-    /// The image's path.
-    pub fn path(&self) -> &std::path::Path {
-        &self.path
+    /// The image's path (it changes when the backing file is swapped).
+    pub fn path(&self) -> PathBuf {
+        self.shared.path()
     }
 }
 
@@ -326,7 +342,12 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config_space, offset, data);
+        let (capacity, _) = self.shared.config();
+        read_config_bytes(&config_space(capacity), offset, data);
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.shared.config().1
     }
 
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -337,13 +358,13 @@ impl VirtioDevice for Block {
         if self.worker.is_some() {
             return Err(ActivateError::Backend(format!(
                 "virtio-blk {}: activated twice",
-                self.path.display()
+                self.shared.path().display()
             )));
         }
-        let Some(state) = lock_slot(&self.slot).take() else {
+        let Some(state) = self.shared.take_state() else {
             return Err(ActivateError::Backend(format!(
                 "virtio-blk {}: the disk was lost when a previous device thread failed",
-                self.path.display()
+                self.shared.path().display()
             )));
         };
         use virtio_queue::QueueT;
@@ -354,7 +375,7 @@ impl VirtioDevice for Block {
             q,
             ctx.interrupt.clone(),
             state,
-            self.slot.clone(),
+            self.shared.clone(),
             self.metrics.clone(),
         );
         // On failure the worker is dropped here and gives the state back.

@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::request::{status, types, FLAG_UNMAP};
 use super::*;
 use crate::rate_limiter::TokenBucket;
-use crate::virtio::worker::DeviceWorker;
+use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, DeviceHealth, InterruptReason, VirtioInterrupt};
 
 const F_NEXT: u16 = 1;
@@ -325,7 +325,7 @@ impl Harness {
         queue.set_event_idx(event_idx);
         let notify = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq = Arc::new(CountingInterrupt::default());
-        let state = lock_slot(&block.slot).take().unwrap();
+        let state = block.shared.take_state().unwrap();
         let worker = BlockWorker::new(
             mem,
             ActiveQueue {
@@ -335,7 +335,7 @@ impl Harness {
             },
             irq.clone(),
             state,
-            block.slot.clone(),
+            block.shared.clone(),
             block.metrics.clone(),
         );
         Harness {
@@ -367,33 +367,56 @@ impl Harness {
     /// for io_uring completions and rate-limiter timers as needed).
     fn run(&mut self) -> Result<(), String> {
         self.notify.write(1).unwrap();
-        self.worker.handle(0)?;
+        self.worker.handle(0, &Sources::detached())?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.drv.used_idx() != self.drv.avail_idx {
             assert!(Instant::now() < deadline, "requests never completed");
-            let mut fds: Vec<libc::pollfd> = [1u32, 2]
-                .iter()
-                .filter_map(|&t| self.source(t).map(|fd| (fd, t)))
-                .map(|(fd, _)| libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .collect();
-            // SAFETY: poll writes only the revents of our array.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
-            for t in [1u32, 2] {
-                if let Some(fd) = self.source(t) {
-                    if fds
-                        .iter()
-                        .any(|p| p.fd == fd && p.revents & libc::POLLIN != 0)
-                    {
-                        self.worker.handle(t)?;
-                    }
-                }
+            self.serve_once(1000)?;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` for the worker's control, limiter and completion sources, and
+    /// has the worker handle those that are readable, in that order (so that a swap finds
+    /// the requests in flight still unreaped), as its thread would.
+    fn serve_once(&mut self, timeout_ms: i32) -> Result<(), String> {
+        let sources: Vec<(i32, u32)> = [3u32, 1, 2]
+            .iter()
+            .filter_map(|&t| self.source(t).map(|fd| (fd, t)))
+            .collect();
+        let mut fds: Vec<libc::pollfd> = sources
+            .iter()
+            .map(|&(fd, _)| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: poll writes only the revents of our array.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        for (p, &(_, t)) in fds.iter().zip(&sources) {
+            // A source the previous call replaced may still be reported: handling it is
+            // harmless, as a stale event on the device thread would be.
+            if p.revents & libc::POLLIN != 0 {
+                self.worker.handle(t, &Sources::detached())?;
             }
         }
         Ok(())
+    }
+
+    /// Runs `call` with a control handle on another thread while this one serves the
+    /// worker, as the device thread would; returns what `call` returned.
+    fn serve<T: Send>(&mut self, call: impl FnOnce(BlockControl) -> T + Send) -> T {
+        let ctl = self.block.control();
+        std::thread::scope(|s| {
+            let call = s.spawn(move || call(ctl));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !call.is_finished() {
+                assert!(Instant::now() < deadline, "the control call never returned");
+                self.serve_once(5).unwrap();
+            }
+            call.join().unwrap()
+        })
     }
 
     /// Posts one request: header, then `out` as device-readable data, then `in_len` bytes of
@@ -1175,13 +1198,13 @@ fn a_broken_queue_is_fatal_for_the_device() {
     let mut h = Harness::new(config(&p, Engine::Sync));
     h.drv.set_avail_idx(300);
     h.notify.write(1).unwrap();
-    assert!(h.worker.handle(0).is_err());
+    assert!(h.worker.handle(0, &Sources::detached()).is_err());
 
     // A head index out of range.
     let mut h = Harness::new(config(&p, Engine::Sync));
     h.drv.publish(QUEUE_SIZE + 4);
     h.notify.write(1).unwrap();
-    let e = h.worker.handle(0).unwrap_err();
+    let e = h.worker.handle(0, &Sources::detached()).unwrap_err();
     assert!(e.contains("head index"), "{e}");
 }
 
@@ -1207,9 +1230,9 @@ fn a_read_only_disk_refuses_writes() {
     assert_eq!(file_bytes(&p), image_bytes(0..DISK));
 
     // The file is opened O_RDONLY: a file the process cannot write still attaches.
-    let fd = lock_slot(&h.block.slot);
-    assert!(fd.is_none(), "the worker holds the state");
-    drop(fd);
+    let slot = h.block.shared.lock_slot();
+    assert!(slot.state.is_none(), "the worker holds the state");
+    drop(slot);
     let state = h.worker.borrowed_state().unwrap();
     let (raw, durable) = state.disk.raw().unwrap();
     assert!(!durable);
@@ -1318,8 +1341,8 @@ fn an_ephemeral_image_is_opened_read_only_and_its_overlay_is_anonymous() {
     })
     .unwrap();
     assert!(!b.is_read_only(), "the guest can write an ephemeral disk");
-    let slot = lock_slot(&b.slot);
-    let disk = &slot.as_ref().unwrap().disk;
+    let slot = b.shared.lock_slot();
+    let disk = &slot.state.as_ref().unwrap().disk;
     // On this file system (no reflinks) the overlay is sparse; where reflinks work it is a
     // plain file that is not durable.
     match disk.raw() {
@@ -1396,7 +1419,7 @@ fn the_rate_limiter_holds_requests_back_until_its_timer_fires() {
     assert!(h.source(1).is_some(), "the limiter's timer is a source");
     let posted: Vec<Posted> = (0..5).map(|i| h.post(types::IN, i, &[], 512)).collect();
     h.notify.write(1).unwrap();
-    h.worker.handle(0).unwrap();
+    h.worker.handle(0, &Sources::detached()).unwrap();
     // Two went through; the third is held back (not used, not answered).
     let used = h.drv.take_used();
     assert_eq!(used.len(), 2);
@@ -1404,7 +1427,7 @@ fn the_rate_limiter_holds_requests_back_until_its_timer_fires() {
     assert!(h.metrics().throttled.load(Ordering::Relaxed) >= 1);
     // Another notification does not let it through either.
     h.notify.write(1).unwrap();
-    h.worker.handle(0).unwrap();
+    h.worker.handle(0, &Sources::detached()).unwrap();
     assert!(h.drv.take_used().is_empty());
     // The timer lets the rest through, in order.
     h.run().unwrap();
@@ -1440,7 +1463,7 @@ fn the_bandwidth_limiter_counts_bytes() {
         .map(|i| h.post(types::IN, i * 8, &[], 4096))
         .collect();
     h.notify.write(1).unwrap();
-    h.worker.handle(0).unwrap();
+    h.worker.handle(0, &Sources::detached()).unwrap();
     assert!(h.metrics().throttled.load(Ordering::Relaxed) >= 1);
     h.run().unwrap();
     let used = h.drv.take_used();
@@ -1605,4 +1628,701 @@ fn a_missing_queue_fails_activation() {
         e,
         ActivateError::MissingQueues { want: 1, got: 0 }
     ));
+}
+
+// ---------------------------------------------------------------------------------------
+// Changes while the guest runs: swapping the backing file, updating the rate limiter.
+
+/// The byte at `offset` of a second test image, different from [`pattern`] everywhere.
+fn other_pattern(offset: u64) -> u8 {
+    pattern(offset) ^ 0x5a
+}
+
+fn make_other_image(dir: &TempDir, name: &str, size: u64) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, (0..size).map(other_pattern).collect::<Vec<u8>>()).unwrap();
+    p
+}
+
+fn other_bytes(range: std::ops::Range<u64>) -> Vec<u8> {
+    range.map(other_pattern).collect()
+}
+
+/// The capacity in the configuration space, read as a driver does (two 32-bit reads).
+fn config_capacity(dev: &dyn VirtioDevice) -> u64 {
+    let (mut lo, mut hi) = ([0u8; 4], [0u8; 4]);
+    dev.read_config(0, &mut lo);
+    dev.read_config(4, &mut hi);
+    u64::from(u32::from_le_bytes(lo)) | (u64::from(u32::from_le_bytes(hi)) << 32)
+}
+
+/// An ops bucket of `n` requests an hour: what is refused waits far longer than any test.
+fn ops_per_hour(n: u64) -> RateLimiterConfig {
+    RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(TokenBucket {
+            size: n,
+            one_time_burst: None,
+            refill_time_ms: 3_600_000,
+        }),
+    }
+}
+
+/// Both buckets removed: no limit at all.
+const NO_LIMIT: RateLimiterConfig = RateLimiterConfig {
+    bandwidth: Some(TokenBucket {
+        size: 0,
+        one_time_burst: None,
+        refill_time_ms: 0,
+    }),
+    ops: Some(TokenBucket {
+        size: 0,
+        one_time_burst: None,
+        refill_time_ms: 1000,
+    }),
+};
+
+fn swap_before_activation(engine: Engine) {
+    let dir = TempDir::new();
+    let a = make_image(&dir, "a.img", DISK);
+    let b = make_other_image(&dir, "b.img", 2 * DISK);
+    let block = Block::new(config(&a, engine)).unwrap();
+    let ctl = block.control();
+    let generation = block.config_generation();
+    assert_eq!(ctl.swap_backing_file(b.clone()).unwrap(), 2 * DISK / 512);
+    assert_eq!(block.capacity_sectors(), 2 * DISK / 512);
+    assert_eq!(ctl.capacity_sectors(), 2 * DISK / 512);
+    assert_eq!(config_capacity(&block), 2 * DISK / 512);
+    assert_ne!(block.config_generation(), generation);
+    assert_eq!(block.path(), b);
+    assert_eq!(ctl.path(), b);
+
+    let mut h = Harness::with_block(block, false);
+    // Past the old end, and the serial is the device's.
+    let s = DISK / 512 + 3;
+    assert_eq!(h.read(s, 1024), ok(other_bytes(s * 512..(s + 2) * 512)));
+    let mut id = b"cgvm-disk-0".to_vec();
+    id.resize(ID_BYTES, 0);
+    assert_eq!(h.request(types::GET_ID, 0, &[], ID_BYTES), ok(id));
+    // Writes go to the new file, read-write like the old one.
+    assert_eq!(h.write(1, &[7; 512]), ok(vec![]));
+    assert_eq!(file_bytes(&b)[512..1024], [7; 512][..]);
+    assert_eq!(file_bytes(&a), image_bytes(0..DISK));
+    assert_eq!(h.irq.config.load(Ordering::SeqCst), 0, "no driver to tell");
+    assert_eq!(
+        h.source(2).is_some(),
+        engine == Engine::Uring,
+        "the new ring is a source"
+    );
+}
+
+#[test]
+fn swap_before_activation_sync() {
+    swap_before_activation(Engine::Sync);
+}
+
+#[test]
+fn swap_before_activation_uring() {
+    swap_before_activation(Engine::Uring);
+}
+
+fn swap_while_active(engine: Engine) {
+    let dir = TempDir::new();
+    let a = make_image(&dir, "a.img", DISK);
+    let b = make_other_image(&dir, "b.img", 2 * DISK);
+    let mut h = Harness::new(config(&a, engine));
+    let generation = h.block.config_generation();
+    let ring = h.source(2);
+
+    // Requests in flight on the old disk when the swap arrives (with io_uring: submitted,
+    // their completions not yet reaped).
+    let posted: Vec<Posted> = (0..8)
+        .map(|i| h.post(types::IN, i * 8, &[], 4096))
+        .collect();
+    h.notify.write(1).unwrap();
+    h.worker.handle(0, &Sources::detached()).unwrap();
+    let in_flight = h.worker.borrowed_state().unwrap().executor.in_flight();
+    assert_eq!(
+        in_flight > 0,
+        engine == Engine::Uring,
+        "{in_flight} in flight"
+    );
+
+    let capacity = h.serve(|c| c.swap_backing_file(b.clone())).unwrap();
+    assert_eq!(capacity, 2 * DISK / 512);
+
+    // Each request of the old disk was answered once, from the old file.
+    let used = h.drv.take_used();
+    assert_eq!(used.len(), posted.len(), "{used:?}");
+    let mut heads: Vec<u32> = used.iter().map(|u| u.0).collect();
+    heads.sort_unstable();
+    heads.dedup();
+    assert_eq!(heads.len(), posted.len());
+    for (i, p) in posted.iter().enumerate() {
+        let s = i as u64 * 8 * 512;
+        assert_eq!(h.answer(p, &used), ok(image_bytes(s..s + 4096)));
+    }
+    assert_eq!(h.worker.borrowed_state().unwrap().executor.in_flight(), 0);
+
+    // The driver is told: configuration interrupt, new capacity, new generation.
+    assert_eq!(h.irq.config.load(Ordering::SeqCst), 1);
+    assert_eq!(config_capacity(&h.block), 2 * DISK / 512);
+    assert_ne!(h.block.config_generation(), generation);
+    if engine == Engine::Uring {
+        assert!(h.source(2).is_some() && h.source(2) != ring, "a new ring");
+    }
+
+    // The new file serves reads (past the old end too) and takes writes.
+    assert_eq!(h.read(5, 1024), ok(other_bytes(5 * 512..7 * 512)));
+    let s = 2 * DISK / 512 - 2;
+    assert_eq!(h.read(s, 1024), ok(other_bytes(s * 512..2 * DISK)));
+    assert_eq!(h.write(DISK / 512 + 1, &[9; 4096]), ok(vec![]));
+    let o = DISK as usize + 512;
+    assert_eq!(file_bytes(&b)[o..o + 4096], [9; 4096][..]);
+    assert_eq!(h.request(types::FLUSH, 0, &[], 0), ok(vec![]));
+    assert_eq!(
+        file_bytes(&a),
+        image_bytes(0..DISK),
+        "the old file is left alone"
+    );
+
+    // Back to the smaller file: what is past its end now fails.
+    assert_eq!(
+        h.serve(|c| c.swap_backing_file(a.clone())).unwrap(),
+        DISK / 512
+    );
+    assert_eq!(h.irq.config.load(Ordering::SeqCst), 2);
+    assert_eq!(h.read(DISK / 512, 512), failed(status::IOERR, 512));
+    assert_eq!(h.read(0, 512), ok(image_bytes(0..512)));
+
+    // After a reset the disk is the last one swapped in.
+    let mut h = h.restart();
+    assert_eq!(h.read(0, 512), ok(image_bytes(0..512)));
+}
+
+#[test]
+fn swap_while_active_sync() {
+    swap_while_active(Engine::Sync);
+}
+
+#[test]
+fn swap_while_active_uring() {
+    swap_while_active(Engine::Uring);
+}
+
+#[test]
+fn a_failed_swap_names_the_file_and_keeps_the_old_disk() {
+    let dir = TempDir::new();
+    let a = make_image(&dir, "a.img", DISK);
+    let mut h = Harness::new(config(&a, Engine::Uring));
+    let generation = h.block.config_generation();
+    let ctl = h.block.control();
+    // The file work happens on the calling thread: these fail before the worker is asked.
+    let missing = dir.path().join("missing.img");
+    let e = ctl.swap_backing_file(missing).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("missing.img") && msg.contains("cannot open"),
+        "{msg}"
+    );
+    let e = ctl
+        .swap_backing_file(PathBuf::from("/dev/null"))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("/dev/null: not a regular file"),
+        "{e}"
+    );
+    let e = ctl
+        .swap_backing_file(a.join("not-a-directory.img"))
+        .unwrap_err();
+    assert!(e.to_string().contains("a.img/not-a-directory.img"), "{e}");
+
+    assert_eq!(ctl.path(), a);
+    assert_eq!(config_capacity(&h.block), DISK / 512);
+    assert_eq!(h.block.config_generation(), generation);
+    assert_eq!(h.irq.config.load(Ordering::SeqCst), 0);
+    assert_eq!(h.read(3, 1024), ok(image_bytes(3 * 512..5 * 512)));
+    assert_eq!(h.write(3, &[1; 512]), ok(vec![]));
+    assert_eq!(file_bytes(&a)[3 * 512..4 * 512], [1; 512][..]);
+}
+
+fn ephemeral_swap(engine: Engine) {
+    let dir = TempDir::new();
+    let a = make_image(&dir, "a.img", DISK);
+    let b = make_other_image(&dir, "b.img", DISK);
+    let (sum_a, sum_b) = (checksum(&a), checksum(&b));
+    let mtime_b = std::fs::metadata(&b).unwrap().modified().unwrap();
+    let mut h = Harness::new(BlockConfig {
+        ephemeral: true,
+        ..config(&a, engine)
+    });
+    assert_eq!(h.write(0, &[1; 4096]), ok(vec![]));
+
+    h.serve(|c| c.swap_backing_file(b.clone())).unwrap();
+    // A fresh overlay over the new image: the old overlay's writes are gone with it.
+    assert_eq!(h.read(0, 4096), ok(other_bytes(0..4096)));
+    assert_eq!(h.write(0, &[2; 4096]), ok(vec![]));
+    assert_eq!(h.range_request(types::DISCARD, 16, 8, 0), ok(vec![]));
+    assert_eq!(h.request(types::FLUSH, 0, &[], 0), ok(vec![]));
+    assert_eq!(h.read(0, 4096), ok(vec![2; 4096]));
+    assert_eq!(h.read(16, 4096), ok(vec![0; 4096]));
+    assert_eq!(h.read(24, 512), ok(other_bytes(24 * 512..25 * 512)));
+    // A reset keeps the new overlay.
+    let mut h = h.restart();
+    assert_eq!(h.read(0, 4096), ok(vec![2; 4096]));
+    drop(h);
+
+    assert_eq!(checksum(&b), sum_b, "the new image was never written");
+    assert_eq!(std::fs::metadata(&b).unwrap().modified().unwrap(), mtime_b);
+    assert_eq!(checksum(&a), sum_a);
+    assert_eq!(
+        dir.entries(),
+        vec!["a.img", "b.img"],
+        "no overlay left behind"
+    );
+}
+
+#[test]
+fn an_ephemeral_swap_never_writes_the_new_file_sync() {
+    ephemeral_swap(Engine::Sync);
+}
+
+#[test]
+fn an_ephemeral_swap_never_writes_the_new_file_uring() {
+    ephemeral_swap(Engine::Uring);
+}
+
+#[test]
+fn a_read_only_disk_stays_read_only_after_a_swap() {
+    let dir = TempDir::new();
+    let a = make_image(&dir, "a.img", DISK);
+    let b = make_other_image(&dir, "b.img", DISK);
+    let mut h = Harness::new(BlockConfig {
+        read_only: true,
+        ..config(&a, Engine::Sync)
+    });
+    h.serve(|c| c.swap_backing_file(b.clone())).unwrap();
+    assert_eq!(h.write(0, &[1; 512]), failed(status::IOERR, 0));
+    assert_eq!(h.read(0, 512), ok(other_bytes(0..512)));
+    assert_eq!(file_bytes(&b), other_bytes(0..DISK));
+    assert!(h.block.is_read_only());
+}
+
+fn rate_limiter_updates_while_active(engine: Engine) {
+    let dir = TempDir::new();
+    let a = make_image(&dir, "a.img", DISK);
+    let mut h = Harness::new(config(&a, engine));
+    let ctl = h.block.control();
+    assert_eq!(ctl.rate_limiter(), None);
+    assert!(h.source(1).is_none());
+
+    // A limiter where there was none: 2 requests, then the rest waits (an hour).
+    h.serve(|c| c.update_rate_limiter(Some(ops_per_hour(2))))
+        .unwrap();
+    assert_eq!(ctl.rate_limiter(), Some(ops_per_hour(2)));
+    assert!(h.source(1).is_some(), "the new timer is a source");
+    let posted: Vec<Posted> = (0..6).map(|i| h.post(types::IN, i, &[], 512)).collect();
+    h.notify.write(1).unwrap();
+    h.worker.handle(0, &Sources::detached()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.drv.used_idx() < 2 {
+        assert!(Instant::now() < deadline);
+        h.serve_once(10).unwrap();
+    }
+    h.serve_once(50).unwrap();
+    assert_eq!(h.drv.used_idx(), 2, "the limit holds the rest back");
+    let throttled = h.metrics().throttled.load(Ordering::Relaxed);
+    assert!(throttled >= 1);
+
+    // A new, full bucket of 3: the held request is retried at once, 3 more go.
+    h.serve(|c| c.update_rate_limiter(Some(ops_per_hour(3))))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.drv.used_idx() < 5 {
+        assert!(Instant::now() < deadline, "the new bucket was not used");
+        h.serve_once(10).unwrap();
+    }
+    h.serve_once(50).unwrap();
+    assert_eq!(h.drv.used_idx(), 5);
+    assert!(h.metrics().throttled.load(Ordering::Relaxed) > throttled);
+
+    // Nothing to update, and an update without buckets: nothing changes.
+    let timer = h.source(1);
+    ctl.update_rate_limiter(None).unwrap();
+    h.serve(|c| c.update_rate_limiter(Some(RateLimiterConfig::default())))
+        .unwrap();
+    // An absent bucket is kept as it is.
+    let bandwidth = TokenBucket {
+        size: 1 << 30,
+        one_time_burst: None,
+        refill_time_ms: 1000,
+    };
+    h.serve(|c| {
+        c.update_rate_limiter(Some(RateLimiterConfig {
+            bandwidth: Some(bandwidth),
+            ops: None,
+        }))
+    })
+    .unwrap();
+    assert_eq!(
+        ctl.rate_limiter(),
+        Some(RateLimiterConfig {
+            bandwidth: Some(bandwidth),
+            ops: ops_per_hour(3).ops,
+        })
+    );
+    assert_eq!(h.source(1), timer, "the same limiter, updated");
+    h.serve_once(50).unwrap();
+    assert_eq!(h.drv.used_idx(), 5, "the ops bucket is still empty");
+
+    // Buckets of size 0 remove the limits: the last request goes through.
+    h.serve(|c| c.update_rate_limiter(Some(NO_LIMIT))).unwrap();
+    assert_eq!(ctl.rate_limiter(), None);
+    assert!(h.source(1).is_none(), "the limiter is gone");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.drv.used_idx() < 6 {
+        assert!(Instant::now() < deadline, "the last request never went");
+        h.serve_once(10).unwrap();
+    }
+    let used = h.drv.take_used();
+    assert_eq!(used.len(), 6);
+    for (i, p) in posted.iter().enumerate() {
+        let i = i as u64;
+        assert_eq!(h.answer(p, &used), ok(image_bytes(i * 512..(i + 1) * 512)));
+    }
+    for _ in 0..20 {
+        assert_eq!(h.read(7, 512), ok(image_bytes(7 * 512..8 * 512)));
+    }
+}
+
+#[test]
+fn rate_limiter_updates_while_active_sync() {
+    rate_limiter_updates_while_active(Engine::Sync);
+}
+
+#[test]
+fn rate_limiter_updates_while_active_uring() {
+    rate_limiter_updates_while_active(Engine::Uring);
+}
+
+#[test]
+fn rate_limiter_updates_before_activation_and_after_a_reset() {
+    let dir = TempDir::new();
+    let a = make_image(&dir, "a.img", DISK);
+    let block = Block::new(config(&a, Engine::Sync)).unwrap();
+    let ctl = block.control();
+    ctl.update_rate_limiter(Some(ops_per_hour(1))).unwrap();
+    assert_eq!(ctl.rate_limiter(), Some(ops_per_hour(1)));
+    let mut h = Harness::with_block(block, false);
+    assert!(h.source(1).is_some());
+    for i in 0..2 {
+        h.post(types::IN, i, &[], 512);
+    }
+    h.notify.write(1).unwrap();
+    h.worker.handle(0, &Sources::detached()).unwrap();
+    assert_eq!(h.drv.used_idx(), 1);
+
+    // A reset (the worker stops and gives the state back), then the update is made directly.
+    let Harness { worker, block, .. } = h;
+    drop(worker);
+    ctl.update_rate_limiter(Some(NO_LIMIT)).unwrap();
+    assert_eq!(ctl.rate_limiter(), None);
+    let mut h = Harness::with_block(block, false);
+    assert!(h.source(1).is_none());
+    for _ in 0..5 {
+        assert_eq!(h.read(0, 512), ok(image_bytes(0..512)));
+    }
+}
+
+#[test]
+fn a_change_the_device_thread_does_not_take_times_out_and_changes_nothing() {
+    let dir = TempDir::new();
+    let a = make_image(&dir, "a.img", DISK);
+    let b = make_other_image(&dir, "b.img", 2 * DISK);
+    let mut h = Harness::new(config(&a, Engine::Uring));
+    let generation = h.block.config_generation();
+    // Nobody serves the worker.
+    let ctl = h.block.control().with_timeout(Duration::from_millis(100));
+    let start = Instant::now();
+    let e = ctl.swap_backing_file(b.clone()).unwrap_err();
+    assert!(start.elapsed() >= Duration::from_millis(100));
+    assert!(matches!(e, BlockError::Timeout { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("b.img") && msg.contains("did not take the change"),
+        "{msg}"
+    );
+    let e = ctl.update_rate_limiter(Some(ops_per_hour(1))).unwrap_err();
+    assert!(
+        e.to_string().contains("a.img") && matches!(e, BlockError::Timeout { .. }),
+        "{e}"
+    );
+
+    // The worker wakes up late: the changes were withdrawn, nothing happens.
+    h.worker.handle(3, &Sources::detached()).unwrap();
+    assert_eq!(ctl.path(), a);
+    assert_eq!(config_capacity(&h.block), DISK / 512);
+    assert_eq!(h.block.config_generation(), generation);
+    assert_eq!(ctl.rate_limiter(), None);
+    assert!(h.source(1).is_none());
+    assert_eq!(h.irq.config.load(Ordering::SeqCst), 0);
+    assert_eq!(h.read(1, 512), ok(image_bytes(512..1024)));
+    // And the next change goes through.
+    assert_eq!(
+        h.serve(|c| c.swap_backing_file(b.clone())).unwrap(),
+        2 * DISK / 512
+    );
+    assert_eq!(h.read(1, 512), ok(other_bytes(512..1024)));
+}
+
+#[test]
+fn a_change_waiting_when_the_worker_stops_is_made_by_the_caller() {
+    let dir = TempDir::new();
+    let a = make_image(&dir, "a.img", DISK);
+    let b = make_other_image(&dir, "b.img", 2 * DISK);
+    let h = Harness::new(config(&a, Engine::Uring));
+    let ctl = h.block.control();
+    let Harness { worker, block, .. } = h;
+    let command = libc::pollfd {
+        fd: block.shared.command_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    std::thread::scope(|s| {
+        let call = s.spawn(|| ctl.swap_backing_file(b.clone()));
+        // Once the change waits for the worker, the device is reset.
+        let mut p = command;
+        // SAFETY: poll writes only the revents of our one pollfd.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 10_000) }, 1);
+        drop(worker);
+        assert_eq!(call.join().unwrap().unwrap(), 2 * DISK / 512);
+    });
+    assert_eq!(block.capacity_sectors(), 2 * DISK / 512);
+    let mut h = Harness::with_block(block, false);
+    assert_eq!(h.read(3, 512), ok(other_bytes(3 * 512..4 * 512)));
+}
+
+#[test]
+fn a_control_handle_can_go_to_any_thread() {
+    fn shareable<T: Send + Sync + Clone + std::fmt::Debug>() {}
+    shareable::<BlockControl>();
+}
+
+#[test]
+fn the_device_thread_filter_follows_the_configured_engine() {
+    let dir = TempDir::new();
+    let a = make_image(&dir, "a.img", DISK);
+    // Ephemeral over a sparse overlay runs the sync engine, but a swap may bring a file
+    // whose overlay is a reflink, and io_uring with it.
+    let h = Harness::new(BlockConfig {
+        ephemeral: true,
+        ..config(&a, Engine::Uring)
+    });
+    assert!(h.worker.syscalls().contains(&libc::SYS_io_uring_enter));
+    let h = Harness::new(config(&a, Engine::Sync));
+    assert!(!h.worker.syscalls().contains(&libc::SYS_io_uring_enter));
+}
+
+/// Waits until the driver has `n` used entries.
+fn wait_used(drv: &Driver, n: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while drv.used_idx() != n {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the device thread did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Activates `block` on a fresh queue; returns its driver and notification eventfd.
+fn activate(
+    block: &mut Block,
+    irq: &Arc<CountingInterrupt>,
+    health: &DeviceHealth,
+) -> (Driver, EventFd) {
+    let mem = memory();
+    let (drv, queue) = Driver::new(&mem);
+    let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+    block
+        .activate(ActivateContext {
+            mem,
+            queues: vec![ActiveQueue {
+                index: 0,
+                queue,
+                notify: notify.try_clone().unwrap(),
+            }],
+            interrupt: irq.clone(),
+            acked_features: block.features(),
+            health: health.clone(),
+        })
+        .unwrap();
+    (drv, notify)
+}
+
+/// Posts a read of `len` bytes at `sector` by hand; returns (data, status) addresses.
+fn post_read(drv: &mut Driver, sector: u64, len: u32) -> (GuestAddress, GuestAddress) {
+    let hdr = drv.header(types::IN, sector);
+    let data = drv.alloc(u64::from(len));
+    let st = drv.status();
+    drv.add_chain(&[(hdr, 16, false), (data, len, true), (st, 1, true)]);
+    (data, st)
+}
+
+/// Swaps and updates on the real device thread, under its seccomp filter: while requests
+/// are in flight, then after a reset, then active again.
+fn changes_on_the_device_thread(engine: Engine) {
+    let dir = TempDir::new();
+    let a = make_image(&dir, "a.img", DISK);
+    let b = make_other_image(&dir, "b.img", 2 * DISK);
+    let c = make_image(&dir, "c.img", DISK / 2);
+    let mut block = Block::new(config(&a, engine)).unwrap();
+    let ctl = block.control();
+    let irq = Arc::new(CountingInterrupt::default());
+    let health = DeviceHealth::new();
+    let (mut drv, notify) = activate(&mut block, &irq, &health);
+
+    // Reads posted just before the swap: each is answered once, from one file or the other.
+    let reads: Vec<_> = (0..32).map(|i| post_read(&mut drv, i * 8, 4096)).collect();
+    notify.write(1).unwrap();
+    assert_eq!(ctl.swap_backing_file(b.clone()).unwrap(), 2 * DISK / 512);
+    assert_eq!(
+        irq.config.load(Ordering::SeqCst),
+        1,
+        "raised before the answer"
+    );
+    assert_eq!(config_capacity(&block), 2 * DISK / 512);
+    wait_used(&drv, 32, "reads across the swap");
+    let used = drv.take_used();
+    assert_eq!(used.len(), 32);
+    for (i, &(data, st)) in reads.iter().enumerate() {
+        let s = i as u64 * 8 * 512;
+        let got = drv.bytes(data, 4096);
+        assert_eq!(drv.byte(st), status::OK);
+        assert!(
+            got == image_bytes(s..s + 4096) || got == other_bytes(s..s + 4096),
+            "read {i}"
+        );
+    }
+    // After it, the new file.
+    let (data, st) = post_read(&mut drv, DISK / 512 + 8, 4096);
+    notify.write(1).unwrap();
+    wait_used(&drv, 33, "a read after the swap");
+    assert_eq!(drv.byte(st), status::OK);
+    assert_eq!(drv.bytes(data, 4096), other_bytes(DISK + 4096..DISK + 8192));
+
+    // A limiter on the thread (its timer came from this thread), then removed.
+    ctl.update_rate_limiter(Some(ops_per_hour(1))).unwrap();
+    post_read(&mut drv, 0, 512);
+    let (data, _) = post_read(&mut drv, 1, 512);
+    notify.write(1).unwrap();
+    wait_used(&drv, 34, "one read under the limit");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(drv.used_idx(), 34, "the second read is held back");
+    ctl.update_rate_limiter(Some(NO_LIMIT)).unwrap();
+    wait_used(&drv, 35, "the held read after the limit went");
+    assert_eq!(drv.bytes(data, 512), other_bytes(512..1024));
+    assert!(!health.is_broken());
+
+    // A reset, a swap while no thread runs (no interrupt: no driver), a new activation.
+    block.reset();
+    assert_eq!(ctl.swap_backing_file(c.clone()).unwrap(), DISK / 1024);
+    assert_eq!(irq.config.load(Ordering::SeqCst), 1);
+    assert_eq!(config_capacity(&block), DISK / 1024);
+    let (mut drv, notify) = activate(&mut block, &irq, &health);
+    let (data, st) = post_read(&mut drv, 16, 4096);
+    notify.write(1).unwrap();
+    wait_used(&drv, 1, "a read after the reset");
+    assert_eq!(drv.byte(st), status::OK);
+    assert_eq!(drv.bytes(data, 4096), image_bytes(8192..12288));
+    // And a swap on the new thread.
+    assert_eq!(ctl.swap_backing_file(a.clone()).unwrap(), DISK / 512);
+    assert_eq!(irq.config.load(Ordering::SeqCst), 2);
+    let (data, _) = post_read(&mut drv, DISK / 512 - 1, 512);
+    notify.write(1).unwrap();
+    wait_used(&drv, 2, "a read after the second swap");
+    assert_eq!(drv.bytes(data, 512), image_bytes(DISK - 512..DISK));
+    assert!(!health.is_broken());
+    block.reset();
+    drop(block);
+    assert_eq!(dir.entries(), vec!["a.img", "b.img", "c.img"]);
+}
+
+#[test]
+fn changes_on_the_device_thread_sync() {
+    changes_on_the_device_thread(Engine::Sync);
+}
+
+#[test]
+fn changes_on_the_device_thread_uring() {
+    changes_on_the_device_thread(Engine::Uring);
+}
+
+#[test]
+fn the_transport_shows_the_new_capacity_generation_and_interrupt() {
+    use crate::bus::BusDevice;
+    use crate::virtio::mmio::MmioTransport;
+
+    let dir = TempDir::new();
+    let a = make_image(&dir, "a.img", DISK);
+    let b = make_other_image(&dir, "b.img", 2 * DISK);
+    let c = make_image(&dir, "c.img", 4 * DISK);
+    let block = Block::new(config(&a, Engine::Uring)).unwrap();
+    let ctl = block.control();
+    let features = block.features() | (1 << crate::virtio::VIRTIO_F_VERSION_1);
+    let mem = memory();
+    let _ = Driver::new(&mem); // zeroed rings at the addresses used below
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::new(Box::new(block), mem, irq.try_clone().unwrap()).unwrap();
+    let r = |t: &mut MmioTransport, off: u64| {
+        let mut d = [0u8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    };
+    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    let capacity = |t: &mut MmioTransport| u64::from(r(t, 0x100)) | (u64::from(r(t, 0x104)) << 32);
+    assert_eq!(capacity(&mut t), DISK / 512);
+    let g0 = r(&mut t, 0xfc);
+
+    // Before the driver starts.
+    ctl.swap_backing_file(b).unwrap();
+    assert_eq!(capacity(&mut t), 2 * DISK / 512);
+    let g1 = r(&mut t, 0xfc);
+    assert_ne!(g1, g0);
+
+    // The driver starts the device.
+    w(&mut t, 0x70, 1);
+    w(&mut t, 0x70, 3);
+    w(&mut t, 0x24, 0);
+    w(&mut t, 0x20, features as u32);
+    w(&mut t, 0x24, 1);
+    w(&mut t, 0x20, (features >> 32) as u32);
+    w(&mut t, 0x70, 0xb);
+    assert_eq!(r(&mut t, 0x70), 0xb, "FEATURES_OK");
+    w(&mut t, 0x30, 0);
+    w(&mut t, 0x38, u32::from(QUEUE_SIZE));
+    for (reg, addr) in [(0x80, 0u32), (0x90, 0x1000), (0xa0, 0x2000)] {
+        w(&mut t, reg, addr);
+        w(&mut t, reg + 4, 0);
+    }
+    w(&mut t, 0x44, 1);
+    w(&mut t, 0x70, 0xf);
+    assert!(t.is_active());
+    assert_eq!(r(&mut t, 0x60), 0);
+    assert_eq!(r(&mut t, 0xfc), g1);
+
+    // A swap on the running device: interrupt (configuration bit), capacity, generation.
+    assert_eq!(ctl.swap_backing_file(c).unwrap(), 4 * DISK / 512);
+    assert_eq!(r(&mut t, 0x60), 2, "InterruptStatus: configuration change");
+    assert!(irq.read().unwrap() >= 1, "the irqfd was written");
+    assert_eq!(capacity(&mut t), 4 * DISK / 512);
+    let g2 = r(&mut t, 0xfc);
+    assert_ne!(g2, g1);
+    assert_eq!(r(&mut t, 0x70) & 0x40, 0, "healthy");
+    // A failed swap changes nothing.
+    assert!(ctl.swap_backing_file(dir.path().join("nope")).is_err());
+    assert_eq!(r(&mut t, 0xfc), g2);
+    w(&mut t, 0x64, 2);
+    w(&mut t, 0x70, 0);
+    assert!(!t.is_active());
 }

@@ -9,6 +9,13 @@
 //! on when completions free some. A broken queue (an available index more than the queue
 //! size ahead, a head index out of range, a used ring outside guest memory) is fatal: the
 //! worker returns an error and the device needs a reset.
+//!
+//! Its last source is the control eventfd: a [`BlockControl`](super::BlockControl) left a
+//! change in the mailbox. A rate limiter update is made at once. A backing-file swap first
+//! lets the requests in flight on the old disk finish (they complete as usual, and no new
+//! request is started meanwhile), then the worker switches disk and engine, raises the
+//! configuration interrupt, moves its epoll set to the new descriptors and drops the old
+//! ones, and goes on with the queue.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -16,15 +23,17 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
+use super::control::{Shared, Taken};
 use super::request::{parse, status, Completion, Op};
-use super::{lock_slot, BlockMetrics, BlockState, StateSlot};
+use super::{engine, BlockMetrics, BlockState};
 use crate::rate_limiter::TokenType;
-use crate::virtio::worker::DeviceWorker;
+use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
 
 const QUEUE_TOKEN: u32 = 0;
 const LIMITER_TOKEN: u32 = 1;
 const COMPLETION_TOKEN: u32 = 2;
+const COMMAND_TOKEN: u32 = 3;
 
 /// The block device's worker.
 pub struct BlockWorker {
@@ -32,9 +41,11 @@ pub struct BlockWorker {
     queue: ActiveQueue,
     interrupt: Arc<dyn VirtioInterrupt>,
     state: Option<BlockState>,
-    slot: StateSlot,
+    shared: Arc<Shared>,
     metrics: Arc<BlockMetrics>,
     syscalls: &'static [i64],
+    /// A swap waits for the requests in flight: start no new ones.
+    quiescing: bool,
 }
 
 /// Why taking requests stopped.
@@ -48,24 +59,27 @@ enum Stop {
 
 impl BlockWorker {
     /// A worker over the request queue, borrowing `state` until it stops (then it goes back
-    /// into `slot`).
+    /// into `shared`'s slot).
     pub(crate) fn new(
         mem: GuestMemoryMmap,
         queue: ActiveQueue,
         interrupt: Arc<dyn VirtioInterrupt>,
         state: BlockState,
-        slot: StateSlot,
+        shared: Arc<Shared>,
         metrics: Arc<BlockMetrics>,
     ) -> Self {
-        let syscalls = state.executor.syscalls();
+        // What the configured engine needs, whichever executor runs now: a swap can bring
+        // the other one (see engine::syscalls).
+        let syscalls = engine::syscalls(shared.settings().engine);
         Self {
             mem,
             queue,
             interrupt,
             state: Some(state),
-            slot,
+            shared,
             metrics,
             syscalls,
+            quiescing: false,
         }
     }
 
@@ -116,13 +130,16 @@ impl BlockWorker {
             queue,
             state,
             metrics,
+            quiescing,
             ..
         } = self;
         let state = state.as_mut().ok_or("the disk is gone")?;
         let q = &mut queue.queue;
         let info = state.disk.info();
         loop {
-            if !state.executor.has_room() || state.limiter.as_ref().is_some_and(|l| l.is_blocked())
+            if *quiescing
+                || !state.executor.has_room()
+                || state.limiter.as_ref().is_some_and(|l| l.is_blocked())
             {
                 return Ok(Stop::Held);
             }
@@ -182,6 +199,44 @@ impl BlockWorker {
         Ok(any)
     }
 
+    /// Makes the change a control call left in the mailbox, if any (a swap once nothing is
+    /// in flight), and moves the epoll set to the new descriptors before the old ones close.
+    fn take_command(&mut self, sources: &Sources<'_>) -> Result<(), String> {
+        let Self {
+            state,
+            shared,
+            interrupt,
+            quiescing,
+            ..
+        } = self;
+        let state = state.as_mut().ok_or("the disk is gone")?;
+        let taken = shared.take_command(state, || {
+            interrupt
+                .trigger(InterruptReason::Config)
+                .map_err(|e| format!("configuration interrupt: {e}"))
+        })?;
+        *quiescing = matches!(taken, Taken::Waiting);
+        let Taken::Done {
+            before,
+            after,
+            retired,
+            raised,
+        } = taken
+        else {
+            return Ok(());
+        };
+        move_source(sources, before.limiter, after.limiter, LIMITER_TOKEN)?;
+        move_source(
+            sources,
+            before.completion,
+            after.completion,
+            COMPLETION_TOKEN,
+        )?;
+        // Closes the old files, the old ring (with nothing in flight) or the old timer.
+        drop(retired);
+        raised
+    }
+
     fn signal(&mut self, used_any: bool) -> Result<(), String> {
         if used_any
             && self
@@ -196,6 +251,29 @@ impl BlockWorker {
         }
         Ok(())
     }
+}
+
+/// Moves the source of `token` from `before` to `after` (either may be none).
+fn move_source(
+    sources: &Sources<'_>,
+    before: Option<std::os::fd::RawFd>,
+    after: Option<std::os::fd::RawFd>,
+    token: u32,
+) -> Result<(), String> {
+    if before == after {
+        return Ok(());
+    }
+    if let Some(fd) = before {
+        if let Err(e) = sources.remove(fd) {
+            log::debug!("virtio-blk: cannot stop watching descriptor {fd}: {e}");
+        }
+    }
+    if let Some(fd) = after {
+        sources
+            .add(fd, token)
+            .map_err(|e| format!("cannot watch the new descriptor {fd}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Writes `c`'s status byte, puts its chain in the used ring and counts it.
@@ -248,6 +326,7 @@ impl DeviceWorker for BlockWorker {
                 s.push((fd, COMPLETION_TOKEN));
             }
         }
+        s.push((self.shared.command_fd(), COMMAND_TOKEN));
         s
     }
 
@@ -255,7 +334,7 @@ impl DeviceWorker for BlockWorker {
         self.syscalls
     }
 
-    fn handle(&mut self, token: u32) -> Result<(), String> {
+    fn handle(&mut self, token: u32, sources: &Sources<'_>) -> Result<(), String> {
         let mut used_any = false;
         match token {
             QUEUE_TOKEN => {
@@ -268,8 +347,17 @@ impl DeviceWorker for BlockWorker {
                     }
                 }
             }
-            // Completions free slots: go on taking requests.
-            COMPLETION_TOKEN => used_any = self.reap()?,
+            // Completions free slots: go on taking requests, or make the swap that waited.
+            COMPLETION_TOKEN => {
+                used_any = self.reap()?;
+                if self.quiescing && self.state()?.executor.in_flight() == 0 {
+                    self.take_command(sources)?;
+                }
+            }
+            COMMAND_TOKEN => {
+                self.shared.clear_command_event();
+                self.take_command(sources)?;
+            }
             _ => return Ok(()),
         }
         self.process_queue(used_any)
@@ -280,7 +368,7 @@ impl Drop for BlockWorker {
     fn drop(&mut self) {
         if let Some(mut state) = self.state.take() {
             state.executor.drain();
-            *lock_slot(&self.slot) = Some(state);
+            self.shared.give_back(state);
         }
     }
 }

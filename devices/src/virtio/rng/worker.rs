@@ -2,13 +2,15 @@
 //! getrandom(2) bytes.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
+use super::RngMetrics;
 use crate::rate_limiter::{RateLimiter, TokenType};
-use crate::virtio::worker::DeviceWorker;
+use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
 
 /// The most bytes one request gets, whatever buffers it offers: a guest cannot make one
@@ -24,21 +26,25 @@ pub struct RngWorker {
     queue: ActiveQueue,
     interrupt: Arc<dyn VirtioInterrupt>,
     limiter: Option<RateLimiter>,
+    metrics: Arc<RngMetrics>,
 }
 
 impl RngWorker {
-    /// A worker for the request queue; `limiter` bounds the bytes per second it hands out.
+    /// A worker for the request queue; `limiter` bounds the bytes per second it hands out,
+    /// and what it serves is counted in `metrics`.
     pub fn new(
         mem: GuestMemoryMmap,
         queue: ActiveQueue,
         interrupt: Arc<dyn VirtioInterrupt>,
         limiter: Option<RateLimiter>,
+        metrics: Arc<RngMetrics>,
     ) -> Self {
         Self {
             mem,
             queue,
             interrupt,
             limiter,
+            metrics,
         }
     }
 
@@ -64,6 +70,7 @@ impl RngWorker {
                     if !limiter.consume(Self::wanted(&chain), TokenType::Bytes) {
                         // Back on the ring, notifications off: the limiter's timer resumes us.
                         q.go_to_previous_position();
+                        self.metrics.throttled.fetch_add(1, Ordering::Relaxed);
                         break 'ring;
                     }
                 }
@@ -71,6 +78,10 @@ impl RngWorker {
                 let len = fill_chain(mem, chain);
                 q.add_used(mem, head, len)
                     .map_err(|e| format!("used ring: {e}"))?;
+                self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .bytes
+                    .fetch_add(u64::from(len), Ordering::Relaxed);
                 used_any = true;
             }
             if !q
@@ -166,7 +177,7 @@ impl DeviceWorker for RngWorker {
         ]
     }
 
-    fn handle(&mut self, token: u32) -> Result<(), String> {
+    fn handle(&mut self, token: u32, _sources: &Sources<'_>) -> Result<(), String> {
         match token {
             QUEUE_TOKEN => {
                 let _ = self.queue.notify.read();

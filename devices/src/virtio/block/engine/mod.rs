@@ -47,6 +47,17 @@ impl std::str::FromStr for Engine {
     }
 }
 
+/// The system calls a device thread makes with a disk configured for `engine`. A disk set
+/// up for io_uring may run the sync engine (behind a sparse overlay) and, after its backing
+/// file is swapped, io_uring again (or the other way round), so the list follows what was
+/// configured, not the executor of the moment: the io_uring list holds the sync one.
+pub(crate) fn syscalls(engine: Engine) -> &'static [i64] {
+    match engine {
+        Engine::Sync => sync::SYSCALLS,
+        Engine::Uring => uring::SYSCALLS,
+    }
+}
+
 /// The engine of one disk, with its state.
 pub(crate) enum Executor {
     /// Everything on the device thread.
@@ -78,11 +89,11 @@ impl Executor {
         }
     }
 
-    /// The system calls the device thread makes with this engine.
-    pub(crate) fn syscalls(&self) -> &'static [i64] {
+    /// Requests started and not yet reaped (always 0 for the sync engine).
+    pub(crate) fn in_flight(&self) -> usize {
         match self {
-            Executor::Sync => sync::SYSCALLS,
-            Executor::Uring(_) => uring::SYSCALLS,
+            Executor::Sync => 0,
+            Executor::Uring(u) => u.in_flight(),
         }
     }
 

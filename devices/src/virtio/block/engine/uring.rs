@@ -33,6 +33,7 @@ pub(crate) const SYSCALLS: &[i64] = &[
     libc::SYS_pwritev,
     libc::SYS_fdatasync,
     libc::SYS_fallocate,
+    // Arming the limiter's timer, and disarming it when an update retries a held request.
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
     libc::SYS_io_uring_enter,
