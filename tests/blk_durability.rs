@@ -49,7 +49,7 @@ fn flushed_writes_survive_a_sigkill_and_a_killed_run_leaves_no_overlay() {
         let mut seen = Vec::new();
         let hanging = loop {
             match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(l) if l.starts_with("probe: hanging") => break true,
+                Ok(l) if l.starts_with("probe: waiting") => break true,
                 Ok(l) => seen.push(l),
                 Err(_) => break false,
             }

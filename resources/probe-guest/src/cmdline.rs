@@ -9,7 +9,9 @@
 //! - `probe.blk_id=a,b,...`: the ids the blk check expects of the disks, in order;
 //! - `probe.blk_sector=N`: the sector the blk check writes and reads (default 0);
 //! - `probe.bench_id=ID`, `probe.bench_ms=N`, `probe.bench_qd=N`, `probe.bench_workloads=a,b`:
-//!   the blkbench check's disk, time per workload, queue depth and workloads.
+//!   the blkbench check's disk, time per workload, queue depth and workloads;
+//! - `probe.tick_ms=N` (1..=60000): with `probe.exit=hang`, print `probe: tick K` every N ms
+//!   while waiting (see `wait`); no ticks without it.
 //!
 //! Other words are ignored, except unknown `probe.*` keys, which the caller reports.
 
@@ -41,10 +43,16 @@ pub struct Args<'a> {
     pub bench_qd: Setting<'a, u64>,
     /// `probe.bench_workloads`: the raw comma-separated list.
     pub bench_workloads: Option<&'a [u8]>,
+    /// `probe.tick_ms`: the period of the waiting loop's ticks, ms ([`TICK_MS`]; a value out
+    /// of that range is kept raw).
+    pub tick_ms: Setting<'a, u64>,
 }
 
+/// The periods `probe.tick_ms` takes, ms.
+pub const TICK_MS: core::ops::RangeInclusive<u64> = 1..=60_000;
+
 /// Keys the probe knows.
-const KNOWN_KEYS: [&[u8]; 10] = [
+const KNOWN_KEYS: [&[u8]; 11] = [
     b"probe.tests",
     b"probe.exit",
     b"probe.mem",
@@ -55,6 +63,7 @@ const KNOWN_KEYS: [&[u8]; 10] = [
     b"probe.bench_ms",
     b"probe.bench_qd",
     b"probe.bench_workloads",
+    b"probe.tick_ms",
 ];
 
 /// The command line's words.
@@ -119,6 +128,13 @@ impl<'a> Args<'a> {
                 b"probe.bench_ms" => args.bench_ms = Some(parse_decimal(raw).ok_or(raw)),
                 b"probe.bench_qd" => args.bench_qd = Some(parse_decimal(raw).ok_or(raw)),
                 b"probe.bench_workloads" => args.bench_workloads = Some(raw),
+                b"probe.tick_ms" => {
+                    args.tick_ms = Some(
+                        parse_decimal(raw)
+                            .filter(|n| TICK_MS.contains(n))
+                            .ok_or(raw),
+                    )
+                }
                 _ => {}
             }
         }
@@ -244,5 +260,47 @@ mod tests {
             .count(),
             1
         );
+    }
+
+    #[test]
+    fn tick_key() {
+        assert_eq!(Args::parse(b"probe.tick_ms=200").tick_ms, Some(Ok(200)));
+        assert_eq!(Args::parse(b"probe.tick_ms=1").tick_ms, Some(Ok(1)));
+        assert_eq!(
+            Args::parse(b"probe.tick_ms=60000").tick_ms,
+            Some(Ok(60_000))
+        );
+        assert_eq!(Args::parse(b"").tick_ms, None);
+        assert_eq!(Args::parse(b"probe.exit=hang").tick_ms, None);
+        // Out of 1..=60000, not a decimal number, or no value: kept raw.
+        for bad in [
+            &b"0"[..],
+            b"60001",
+            b"99999999999999999999999",
+            b"-5",
+            b"1.5",
+            b"0x10",
+            b" ",
+            b"",
+        ] {
+            let mut word = b"probe.tick_ms=".to_vec();
+            word.extend_from_slice(bad);
+            let want = if bad == b" " { &b""[..] } else { bad };
+            assert_eq!(Args::parse(&word).tick_ms, Some(Err(want)), "{bad:?}");
+        }
+        assert_eq!(Args::parse(b"probe.tick_ms").tick_ms, Some(Err(&b""[..])));
+        // The last one wins.
+        assert_eq!(
+            Args::parse(b"probe.tick_ms=5 probe.tick_ms=7").tick_ms,
+            Some(Ok(7))
+        );
+        assert_eq!(
+            Args::parse(b"probe.tick_ms=5 probe.tick_ms=0").tick_ms,
+            Some(Err(&b"0"[..]))
+        );
+        // Known, so not reported; a near miss is.
+        let unknown: Vec<&[u8]> =
+            unknown_probe_keys(b"probe.tick_ms=100 probe.tick=1 probe.tick_ms_x=2").collect();
+        assert_eq!(unknown, [&b"probe.tick"[..], &b"probe.tick_ms_x"[..]]);
     }
 }

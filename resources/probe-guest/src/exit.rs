@@ -1,8 +1,9 @@
 //! Ending the run: the exit device (a one-byte write to port 0xf4 ends the run with that exit
 //! status), an i8042 reset (0xfe to port 0x64), or ACPI S5 (soft off) through the sleep control
 //! register that the ACPI tables name. Either way the VMM stops the VM; the probe only spins
-//! with `pause` afterwards (`hlt` is not allowed in ring 3). Or it writes nothing and spins
-//! until the VMM is killed (`probe.exit=hang`, for tests that stop the VMM at a known point).
+//! with `pause` afterwards (`hlt` is not allowed in ring 3). Or it writes nothing
+//! (`probe.exit=hang`): the probe waits in `wait`'s polling loop instead, until the VMM is
+//! stopped from outside or Ctrl+Alt+Del makes it reset.
 
 use crate::acpi::{SleepRegister, S5};
 use crate::io;
@@ -25,7 +26,9 @@ pub enum Ending {
     /// [`end`] does not read: the caller finds them ([`crate::acpi::find_s5`]) and calls
     /// [`poweroff`].
     Poweroff,
-    /// End nothing: spin until the VMM is stopped from outside (killed, or its `--timeout`).
+    /// End nothing: the caller waits (`wait::wait`) until the VMM is stopped from outside
+    /// (killed, or its `--timeout`) or Ctrl+Alt+Del asks for [`Ending::Reset`]; given to
+    /// [`end`], it spins.
     Hang,
 }
 

@@ -1,7 +1,7 @@
 //! x86 port I/O, used from ring 3 (the start code grants IOPL 3).
 //!
-//! Only the device modules call these (`serial`, `cmos`, `exit`); each wraps the ports of one
-//! device in safe functions.
+//! Only the device modules call these (`serial`, `cmos`, `exit`, `keyboard`, and `tsc` for the
+//! PIT); each wraps the ports of one device in safe functions.
 //!
 //! Keep to the register forms (`in al, dx` / `out dx, al`, and the 16/32-bit `dx` forms): where
 //! ring 3 cannot do port I/O (PVM), the start code's #GP handler emulates exactly these.

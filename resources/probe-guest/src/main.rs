@@ -7,6 +7,8 @@
 //!   the `iretq` to ring 3 where everything else runs (see README.md for why);
 //! - `main` (this file): `probe_main`, the ring-3 entry: reads the zero page and the command
 //!   line, runs the requested checks, prints the summary, ends the run; the panic handler;
+//! - `wait`: the waiting loop of `probe.exit=hang` (Ctrl+Alt+Del, virtio-blk configuration
+//!   changes, ticks);
 //! - `checks`: the check registry and the checks (`checks::boot`, `checks::blk`,
 //!   `checks::rng`, `checks::blkbench`);
 //! - `bootparams`, `cmdline`, `acpi`, `aml`: parsing what the VMM provides (pure,
@@ -15,7 +17,8 @@
 //! - `virtio`: the polling virtio driver core (initialization, split queues, DMA memory) and
 //!   the virtio-mmio transport;
 //! - `phys`: bounds-checked reads of guest memory;
-//! - `serial`, `cmos`, `boottimer`, `exit`, `io`: the devices, by port or MMIO;
+//! - `serial`, `cmos`, `boottimer`, `exit`, `keyboard`, `io`: the devices, by port or MMIO
+//!   (`keyboard` also recognises Ctrl+Alt+Del in scan codes);
 //! - `tsc`: time for bounded waits and for the benchmark;
 //! - `text`: formatting without allocation; `rt`: `memcpy` & co. for the linker.
 //!
@@ -36,6 +39,7 @@ mod cmos;
 mod discovery;
 mod exit;
 mod io;
+mod keyboard;
 mod phys;
 #[cfg(not(test))]
 mod rt;
@@ -45,6 +49,7 @@ mod start;
 mod text;
 mod tsc;
 mod virtio;
+mod wait;
 
 use bootparams::BootParams;
 use checks::{Context, Report};
@@ -107,6 +112,15 @@ fn run(zero_page: u64) -> Ending {
         );
         failed += 1;
     }
+    if let Some(Err(raw)) = args.tick_ms {
+        println!(
+            "probe: FAIL probe.tick_ms={}: expected {}..={} (milliseconds)",
+            Escaped(raw),
+            cmdline::TICK_MS.start(),
+            cmdline::TICK_MS.end()
+        );
+        failed += 1;
+    }
     // Found before the checks run, so that a platform without S5 fails like a bad probe.exit.
     let s5 = match args.exit {
         Some(Ok(Ending::Poweroff)) => match acpi::find_s5(&mem, boot_params.acpi_rsdp_addr) {
@@ -136,7 +150,8 @@ fn run(zero_page: u64) -> Ending {
     }
     println!("probe: {passed} passed, {failed} failed");
     if let Some(Ok(Ending::Hang)) = args.exit {
-        println!("probe: hanging (probe.exit=hang)");
+        // Returns only to reset (Ctrl+Alt+Del).
+        return wait::wait(&ctx);
     }
 
     match (args.exit, s5) {

@@ -79,6 +79,21 @@ impl fmt::Display for Escaped<'_> {
     }
 }
 
+/// Shows bytes as two-digit lower-case hex, separated by single spaces: "63 67 00".
+pub struct Hex<'a>(pub &'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if i != 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Printable ASCII (space through tilde).
 pub fn is_printable(b: u8) -> bool {
     (0x20..=0x7e).contains(&b)
@@ -123,5 +138,12 @@ mod tests {
         assert_eq!(Size(4 << 30).to_string(), "4 GiB");
         assert_eq!(Size(0x9fc00).to_string(), "639 KiB");
         assert_eq!(Size(20).to_string(), "20 bytes");
+    }
+
+    #[test]
+    fn hex_bytes() {
+        assert_eq!(Hex(b"cg\x00\xff\x0a").to_string(), "63 67 00 ff 0a");
+        assert_eq!(Hex(&[7]).to_string(), "07");
+        assert_eq!(Hex(&[]).to_string(), "");
     }
 }

@@ -46,6 +46,10 @@ pub const STATUS_DEVICE_NEEDS_RESET: u8 = 0x40;
 /// Device status: the driver gave up on the device.
 pub const STATUS_FAILED: u8 = 0x80;
 
+/// Interrupt cause (InterruptStatus bit 1, the ISR's bit 1 on PCI): the device configuration
+/// changed (bit 0: the device used buffers).
+pub const INT_CONFIG_CHANGE: u32 = 1 << 1;
+
 /// Feature bit 32: virtio 1.x ("modern") device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Feature bit 29: used_event / avail_event index fields (notification suppression).
@@ -299,14 +303,21 @@ pub trait Transport {
 /// Reads the device configuration with `read` until ConfigGeneration is the same before and
 /// after (a field that spans several accesses is then consistent).
 pub fn read_config<T: Transport, R>(t: &T, read: impl Fn(&T) -> R) -> R {
-    let mut value;
+    read_config_generation(t, read).0
+}
+
+/// [`read_config`], also returning the generation read last: the one the value belongs to when
+/// the retries did not run out, so that a driver watching for configuration changes knows
+/// which generation it has seen.
+pub fn read_config_generation<T: Transport, R>(t: &T, read: impl Fn(&T) -> R) -> (R, u32) {
     let mut tries = 0;
     loop {
         let before = t.config_generation();
-        value = read(t);
+        let value = read(t);
         tries += 1;
-        if t.config_generation() == before || tries >= CONFIG_RETRIES {
-            return value;
+        let after = t.config_generation();
+        if after == before || tries >= CONFIG_RETRIES {
+            return (value, after);
         }
     }
 }
@@ -620,6 +631,28 @@ pub fn start_one_queue<'p, T: Transport>(
     let queue = setup_queue(t, 0, limit, ring).map_err(|e| ("queue 0", e))?;
     driver_ok(t).map_err(|e| ("init", e))?;
     Ok((features, offered, queue))
+}
+
+/// [`start_one_queue`] with queue memory the caller keeps (from [`queue_memory`]), for a
+/// driver that restarts its device in the same memory: the device is reset first, so nothing
+/// of it uses the memory any more when the queue is zeroed in it.
+pub fn restart_one_queue<'a, T: Transport>(
+    t: &T,
+    ring: DmaBuf<'a>,
+    wanted: u64,
+    limit: u16,
+) -> Result<(u64, u64, SplitQueue<'a>), (&'static str, VirtioError)> {
+    let (features, offered) = negotiate(t, wanted).map_err(|e| ("init", e))?;
+    let queue = setup_queue(t, 0, limit, ring).map_err(|e| ("queue 0", e))?;
+    driver_ok(t).map_err(|e| ("init", e))?;
+    Ok((features, offered, queue))
+}
+
+/// Memory from `pool` for a queue of up to `limit` entries (`None`: no room, or `limit` is no
+/// queue size).
+pub fn queue_memory(pool: &DmaPool, limit: u16) -> Option<DmaBuf<'_>> {
+    let layout = QueueLayout::new(limit)?;
+    pool.alloc(layout.len, QueueLayout::ALIGN)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1218,17 +1251,29 @@ pub fn transact<T: Transport>(
     segments: &[Segment],
     timeout_ms: u64,
 ) -> Result<Used, VirtioError> {
+    transact_causes(t, queue, segments, timeout_ms).map(|(used, _)| used)
+}
+
+/// [`transact`], also returning the interrupt causes it acknowledged (bit 0, used buffers, and
+/// [`INT_CONFIG_CHANGE`]), so that a driver watching for configuration changes does not lose
+/// one that came during the request.
+pub fn transact_causes<T: Transport>(
+    t: &T,
+    queue: &mut SplitQueue<'_>,
+    segments: &[Segment],
+    timeout_ms: u64,
+) -> Result<(Used, u32), VirtioError> {
     let head = queue.push(segments)?;
     t.notify(queue.index());
     let deadline = Deadline::after_ms(timeout_ms);
     let mut polls = 0u32;
     loop {
         if let Some(used) = queue.pop_used()? {
-            t.ack_interrupts();
+            let causes = t.ack_interrupts();
             if used.id != u32::from(head) {
                 return Err(VirtioError::UsedId { id: used.id, head });
             }
-            return Ok(used);
+            return Ok((used, causes));
         }
         polls = polls.wrapping_add(1);
         if polls.is_multiple_of(STATUS_POLL_INTERVAL) {
