@@ -242,7 +242,7 @@ fn boot_probe(r: &mut Report) {
         output: Box::new(out.clone()),
         read_stdin: false,
     };
-    let outcome = match build(&config, timeline.clone(), console) {
+    let outcome = match build(&config, timeline.clone(), console, Default::default()) {
         Ok(vmm) => vmm.run(),
         Err(e) => {
             r.line(false, "probe guest", &format!("cannot start: {e}"));

@@ -2,7 +2,7 @@
 //! the outcome into the process exit status. Everything else lives in the `vmm` crate.
 
 mod doctor;
-mod logger;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use devices::rate_limiter::RateLimiterConfig;
+use serve::ServeArgs;
 use vmm::builder::{build, ConsoleIo};
 use vmm::config::{parse_size, per_second, ConsoleConfig, DiskConfig, VmConfig, DEFAULT_CMDLINE};
 use vmm::outcome::EXIT_VMM_ERROR;
@@ -31,14 +32,34 @@ Exit status:
 Console: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A to the guest.";
 
 /// A minimal, hardened KVM virtual machine monitor.
+///
+/// Without a subcommand, cgvm takes Firecracker's flags and behaves like Firecracker: an API
+/// socket (default /run/firecracker.socket) and/or --config-file describe the machine.
 #[derive(Parser)]
-#[command(name = "cgvm", version, about)]
+#[command(
+    name = "cgvm",
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    arg_required_else_help = true,
+    after_help = EXIT_STATUS_HELP
+)]
 struct Cli {
-    /// Log level: error, warn, info, debug, trace.
+    /// Log level on stderr: error, warn, info, debug, trace.
     #[arg(long, global = true, default_value = "warn", value_parser = parse_level)]
     log_level: log::LevelFilter,
+    #[command(flatten)]
+    firecracker: ServeArgs,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+/// The command line when cgvm is invoked as `firecracker`: Firecracker's flags only.
+#[derive(Parser)]
+#[command(name = "firecracker", version, about = "cgvm, invoked as Firecracker")]
+struct FirecrackerCli {
+    #[command(flatten)]
+    args: ServeArgs,
 }
 
 #[derive(Subcommand)]
@@ -46,6 +67,10 @@ enum Command {
     /// Boot a kernel; the exit status is the guest's verdict.
     #[command(after_help = EXIT_STATUS_HELP)]
     Run(RunArgs),
+    /// Serve the Firecracker-compatible API on a Unix socket (and/or boot a --config-file);
+    /// the exit status is the guest's verdict, as with `run`.
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Serve(ServeArgs),
     /// Tell whether this host can run microVMs, and boot the built-in probe guest.
     Doctor,
 }
@@ -144,31 +169,62 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
         .map_err(|_| format!("'{s}': expected off, error, warn, info, debug or trace"))
 }
 
+/// Prints a parse error (or help) and gives the exit status for it.
+fn parse_failure(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    // --help and --version are not errors; a bad option is cgvm's 125.
+    match e.kind() {
+        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+            ExitCode::SUCCESS
+        }
+        _ => ExitCode::from(EXIT_VMM_ERROR as u8),
+    }
+}
+
+/// True when the program was started under the name `firecracker`.
+fn invoked_as_firecracker() -> bool {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n == "firecracker"))
+        .unwrap_or(false)
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     let start_ns = monotonic_ns();
+    let timeline = Arc::new(Timeline::starting_at(start, start_ns));
+    let setup = |level: log::LevelFilter| -> Result<(), ExitCode> {
+        vmm::logger::init(level);
+        devices::install_panic_hook();
+        vmm::runner::block_exit_signals().map_err(|e| {
+            eprintln!("cgvm: error: cannot block signals: {e}");
+            ExitCode::from(EXIT_VMM_ERROR as u8)
+        })
+    };
+    if invoked_as_firecracker() {
+        let cli = match FirecrackerCli::try_parse() {
+            Ok(c) => c,
+            Err(e) => return parse_failure(e),
+        };
+        if let Err(code) = setup(log::LevelFilter::Warn) {
+            return code;
+        }
+        let code = serve::serve(&cli.args, "Firecracker", true, timeline);
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            // --help and --version are not errors; a bad option is cgvm's 125.
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                    ExitCode::SUCCESS
-                }
-                _ => ExitCode::from(EXIT_VMM_ERROR as u8),
-            };
-        }
+        Err(e) => return parse_failure(e),
     };
-    logger::init(cli.log_level);
-    devices::install_panic_hook();
-    if let Err(e) = vmm::runner::block_exit_signals() {
-        eprintln!("cgvm: error: cannot block signals: {e}");
-        return ExitCode::from(EXIT_VMM_ERROR as u8);
+    if let Err(code) = setup(cli.log_level) {
+        return code;
     }
     let code = match cli.command {
-        Command::Run(args) => run(&args, Arc::new(Timeline::starting_at(start, start_ns))),
-        Command::Doctor => doctor::run(),
+        Some(Command::Run(args)) => run(&args, timeline),
+        Some(Command::Serve(args)) => serve::serve(&args, "cgvm", false, timeline),
+        Some(Command::Doctor) => doctor::run(),
+        None => serve::serve(&cli.firecracker, "cgvm", true, timeline),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
@@ -183,7 +239,7 @@ fn run(args: &RunArgs, timeline: Arc<Timeline>) -> i32 {
     };
     let result = ConsoleIo::from_config(&config.console).and_then(|console| {
         let read_stdin = console.read_stdin;
-        build(&config, timeline.clone(), console).map(|vmm| (vmm, read_stdin))
+        build(&config, timeline.clone(), console, Arc::default()).map(|vmm| (vmm, read_stdin))
     });
     let (vmm, read_stdin) = match result {
         Ok(v) => v,

@@ -57,7 +57,8 @@ fn a_finished_machine_leaves_no_thread_fd_or_file() {
             output: Box::new(std::io::sink()),
             read_stdin: false,
         };
-        let vmm = build(&config, Arc::new(Timeline::new()), console).expect("build");
+        let vmm =
+            build(&config, Arc::new(Timeline::new()), console, Arc::default()).expect("build");
         assert!(count("/proc/self/task") > threads, "vCPU threads run");
         let outcome = vmm.run();
         assert_eq!(

@@ -15,7 +15,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{BlockEngine, ConfigError, ConsoleConfig, VmConfig};
 use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
-use crate::runner::{ConsoleInput, Vmm};
+use crate::metrics::Metrics;
+use crate::runner::{ConsoleInput, DriveHandle, Vmm, VmmParts};
 use crate::timeline::Timeline;
 use crate::vstate::vcpu::{self, BootEntry, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
@@ -131,6 +132,7 @@ pub fn build(
     config: &VmConfig,
     timeline: Arc<Timeline>,
     console: ConsoleIo,
+    metrics: Arc<Metrics>,
 ) -> Result<Vmm, BuildError> {
     config.validate()?;
     let mem_size = config.mem_bytes();
@@ -178,7 +180,7 @@ pub fn build(
         stop.clone(),
     ));
     pio.insert(
-        i8042 as SharedDevice,
+        i8042.clone() as SharedDevice,
         u64::from(layout::I8042_PORT),
         legacy::I8042_LEN,
     )?;
@@ -216,28 +218,41 @@ pub fn build(
     // Virtio devices.
     devices::seccomp::set_enabled(config.seccomp);
     let mut virtio = MmioDeviceManager::new();
+    let mut drives = Vec::with_capacity(config.disks.len());
+    let mut block_metrics = Vec::with_capacity(config.disks.len());
     // Disks first, in order, so that the first is vda.
     for (disk, id) in config.disks.iter().zip(config.disk_ids()) {
         let block = block::Block::new(block::BlockConfig {
             path: disk.path.clone(),
             read_only: disk.read_only,
             ephemeral: disk.ephemeral,
-            serial: id,
+            serial: id.clone(),
             engine: match disk.engine {
                 BlockEngine::Sync => block::Engine::Sync,
                 BlockEngine::Uring => block::Engine::Uring,
             },
             rate_limiter: disk.rate_limiter,
         })?;
+        block_metrics.push((id.clone(), block.metrics()));
+        drives.push(DriveHandle {
+            id,
+            control: block.control(),
+        });
         virtio.add(&vm, mem, &mut mmio, Box::new(block))?;
     }
+    *metrics.blocks.lock().unwrap_or_else(|e| e.into_inner()) = block_metrics;
     if config.rng {
-        virtio.add(
-            &vm,
-            mem,
-            &mut mmio,
-            Box::new(devices::virtio::rng::Rng::new(config.rng_rate_limiter)),
-        )?;
+        let rng = devices::virtio::rng::Rng::new(config.rng_rate_limiter);
+        let m = rng.metrics();
+        metrics
+            .extra
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((
+                "entropy".into(),
+                Box::new(move || crate::metrics::rng_json(&m)),
+            ));
+        virtio.add(&vm, mem, &mut mmio, Box::new(rng))?;
     }
 
     // What the guest reads at entry: command line (with the devices), ACPI, boot params.
@@ -297,8 +312,15 @@ pub fn build(
         .map(|id| vcpu::create_vcpu(&vm, id, config.vcpus, (id == 0).then_some(entry)))
         .collect::<Result<Vec<_>, _>>()?;
     let shared_state = Arc::new(
-        VcpuShared::new(pio, mmio, vm.memory.clone(), stop, timeline)
-            .map_err(io_err("cannot create the vCPU stop eventfd"))?,
+        VcpuShared::new(
+            pio,
+            mmio,
+            vm.memory.clone(),
+            stop,
+            timeline,
+            metrics.vcpu.clone(),
+        )
+        .map_err(io_err("cannot create the vCPU stop eventfd"))?,
     );
     let mut threads = Vec::with_capacity(fds.len());
     for (id, fd) in fds.into_iter().enumerate() {
@@ -307,11 +329,13 @@ pub fn build(
         threads.push(h);
     }
 
-    Ok(Vmm::new(
+    Ok(Vmm::new(VmmParts {
         vm,
-        shared_state,
-        threads,
-        config.timeout,
+        shared: shared_state,
+        vcpus: threads,
+        timeout: config.timeout,
         console_input,
-    ))
+        i8042,
+        drives,
+    }))
 }

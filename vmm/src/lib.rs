@@ -10,8 +10,13 @@
 pub mod builder;
 pub mod config;
 pub mod console;
+pub mod controller;
 pub mod device_manager;
+pub mod logger;
+pub mod metrics;
 pub mod outcome;
+pub mod resources;
+pub mod rpc;
 pub mod runner;
 pub mod timeline;
 pub mod vstate;

@@ -5,7 +5,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,14 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use devices::legacy::I8042Device;
+use devices::virtio::block::BlockControl;
+
 use crate::console::EscapeFilter;
+use crate::controller::Controller;
 use crate::outcome::RunOutcome;
+use crate::resources::PartialDrive;
+use crate::rpc::VmmActionError;
 use crate::vstate::vcpu::{kick_signal, VcpuShared};
 use crate::vstate::vm::Vm;
 
@@ -48,7 +54,7 @@ pub fn block_exit_signals() -> std::io::Result<()> {
 }
 
 /// A signalfd for [`EXIT_SIGNALS`] (which must be blocked).
-fn exit_signalfd() -> std::io::Result<OwnedFd> {
+pub(crate) fn exit_signalfd() -> std::io::Result<OwnedFd> {
     let set = vmm_sys_util::signal::create_sigset(&EXIT_SIGNALS).map_err(std::io::Error::from)?;
     // SAFETY: signalfd reads the set; -1 asks for a new descriptor.
     let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
@@ -59,6 +65,124 @@ fn exit_signalfd() -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Reads one signal from a signalfd; its number, or None if nothing was there.
+pub(crate) fn read_signal(fd: &OwnedFd) -> Option<i32> {
+    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+    // SAFETY: read writes at most info.len() bytes into the buffer we own.
+    let n = unsafe { libc::read(fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+    if n == info.len() as isize {
+        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+        Some(signo as i32)
+    } else {
+        None
+    }
+}
+
+/// A disk of the running machine, by drive id, with the handle that changes it.
+pub struct DriveHandle {
+    /// The drive id.
+    pub id: String,
+    /// Swaps the backing file and the rate limiter.
+    pub control: BlockControl,
+}
+
+/// What the API may act on in a running machine.
+pub struct RuntimeHandles {
+    shared: Arc<VcpuShared>,
+    vcpu_threads: Vec<libc::pthread_t>,
+    i8042: Arc<Mutex<I8042Device>>,
+    drives: Vec<DriveHandle>,
+}
+
+impl RuntimeHandles {
+    fn kick_vcpus(&self) {
+        for &t in &self.vcpu_threads {
+            // SAFETY: the vCPU threads are joined only after the event loop ends, so each
+            // pthread_t is still valid (a finished, unjoined thread keeps its id); the kick
+            // signal has a handler that does nothing.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Parks every vCPU (`PATCH /vm` Paused); idempotent.
+    pub fn pause(&self) -> Result<(), VmmActionError> {
+        self.shared.request_pause();
+        let deadline = Instant::now() + PAUSE_LIMIT;
+        loop {
+            self.kick_vcpus();
+            if self
+                .shared
+                .wait_parked(self.vcpu_threads.len(), Duration::from_millis(20))
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.shared.resume();
+                return Err(VmmActionError(format!(
+                    "cannot pause: the vCPUs did not stop within {PAUSE_LIMIT:?}"
+                )));
+            }
+        }
+    }
+
+    /// Lets the vCPUs run again (`PATCH /vm` Resumed); idempotent.
+    pub fn resume(&self) {
+        self.shared.resume();
+    }
+
+    /// Presses Ctrl+Alt+Del on the guest's keyboard.
+    pub fn ctrl_alt_del(&self) -> Result<(), VmmActionError> {
+        let sent = self
+            .i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .trigger_ctrl_alt_del();
+        if sent {
+            Ok(())
+        } else {
+            Err(VmmActionError::new(
+                "SendCtrlAltDel: the guest has disabled its keyboard or its keyboard buffer is full",
+            ))
+        }
+    }
+
+    /// `PATCH /drives/{id}`: a new backing file and/or rate limiter.
+    pub fn patch_drive(&self, p: &PartialDrive) -> Result<(), VmmActionError> {
+        let Some(d) = self.drives.iter().find(|d| d.id == p.drive_id) else {
+            return Err(VmmActionError(format!(
+                "drive {}: no such drive in this machine",
+                p.drive_id
+            )));
+        };
+        if p.path_on_host.is_none() && p.rate_limiter.is_none() {
+            return Err(VmmActionError(format!(
+                "drive {}: give path_on_host and/or rate_limiter to change",
+                p.drive_id
+            )));
+        }
+        if let Some(path) = &p.path_on_host {
+            let sectors = d
+                .control
+                .swap_backing_file(path.clone())
+                .map_err(|e| VmmActionError(format!("drive {}: {e}", p.drive_id)))?;
+            log::info!(
+                "drive {}: now backed by {} ({sectors} sectors)",
+                p.drive_id,
+                path.display()
+            );
+        }
+        if let Some(rl) = p.rate_limiter {
+            d.control
+                .update_rate_limiter(Some(rl))
+                .map_err(|e| VmmActionError(format!("drive {}: {e}", p.drive_id)))?;
+        }
+        Ok(())
+    }
+}
+
+/// How long `PATCH /vm` Paused waits for the vCPUs to park.
+const PAUSE_LIMIT: Duration = Duration::from_secs(2);
+
 /// A machine ready to run: VM, vCPU threads waiting to start, devices on the buses.
 pub struct Vmm {
     /// Keeps the KVM fds and guest memory alive while vCPU threads run.
@@ -67,46 +191,77 @@ pub struct Vmm {
     vcpus: Vec<JoinHandle<()>>,
     timeout: Option<Duration>,
     console_input: Option<ConsoleInput>,
+    i8042: Arc<Mutex<I8042Device>>,
+    drives: Vec<DriveHandle>,
+}
+
+/// The parts [`Vmm::new`] assembles.
+pub(crate) struct VmmParts {
+    pub vm: Vm,
+    pub shared: Arc<VcpuShared>,
+    pub vcpus: Vec<JoinHandle<()>>,
+    pub timeout: Option<Duration>,
+    pub console_input: Option<ConsoleInput>,
+    pub i8042: Arc<Mutex<I8042Device>>,
+    pub drives: Vec<DriveHandle>,
 }
 
 impl Vmm {
     /// Assembles a machine from its built parts (see `builder`).
-    pub(crate) fn new(
-        vm: Vm,
-        shared: Arc<VcpuShared>,
-        vcpus: Vec<JoinHandle<()>>,
-        timeout: Option<Duration>,
-        console_input: Option<ConsoleInput>,
-    ) -> Self {
+    pub(crate) fn new(p: VmmParts) -> Self {
         Self {
-            _vm: vm,
-            shared,
-            vcpus,
-            timeout,
-            console_input,
+            _vm: p.vm,
+            shared: p.shared,
+            vcpus: p.vcpus,
+            timeout: p.timeout,
+            console_input: p.console_input,
+            i8042: p.i8042,
+            drives: p.drives,
         }
     }
 
-    /// Runs the event loop until the guest stops, then stops the vCPUs.
-    pub fn run(mut self) -> RunOutcome {
-        let outcome = self.wait_for_stop();
-        self.shared.timeline.stopped(&outcome.to_string());
-        self.stop_vcpus();
-        outcome
+    /// Whether the guest's console reads this process's stdin.
+    pub fn reads_console_input(&self) -> bool {
+        self.console_input.is_some()
     }
 
-    fn wait_for_stop(&mut self) -> RunOutcome {
+    /// Runs the event loop until the guest stops, then stops the vCPUs.
+    pub fn run(self) -> RunOutcome {
+        self.run_with(None).0
+    }
+
+    /// Runs the event loop, with `controller` answering API requests and writing metrics,
+    /// until the guest stops; then stops the vCPUs and gives the controller back.
+    pub fn run_with(mut self, controller: Option<Controller>) -> (RunOutcome, Option<Controller>) {
+        let slot = Arc::new(Mutex::new(controller));
+        let outcome = self.wait_for_stop(slot.clone());
+        self.shared.timeline.stopped(&outcome.to_string());
+        self.stop_vcpus();
+        let controller = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        (outcome, controller)
+    }
+
+    fn wait_for_stop(&mut self, controller: Arc<Mutex<Option<Controller>>>) -> RunOutcome {
         let mut em = match EventManager::<Box<dyn MutEventSubscriber + Send>>::new() {
             Ok(em) => em,
             Err(e) => return RunOutcome::VmmError(format!("cannot create the event loop: {e}")),
         };
-        let events =
-            match LoopEvents::new(self.shared.clone(), self.timeout, self.console_input.take()) {
-                Ok(ev) => ev,
-                Err(e) => {
-                    return RunOutcome::VmmError(format!("cannot set up the event loop: {e}"))
-                }
-            };
+        let handles = RuntimeHandles {
+            shared: self.shared.clone(),
+            vcpu_threads: self.vcpus.iter().map(|h| h.as_pthread_t()).collect(),
+            i8042: self.i8042.clone(),
+            drives: std::mem::take(&mut self.drives),
+        };
+        let events = match LoopEvents::new(
+            self.shared.clone(),
+            self.timeout,
+            self.console_input.take(),
+            handles,
+            controller,
+        ) {
+            Ok(ev) => ev,
+            Err(e) => return RunOutcome::VmmError(format!("cannot set up the event loop: {e}")),
+        };
         let outcome = events.outcome.clone();
         em.add_subscriber(Box::new(events));
         loop {
@@ -124,6 +279,7 @@ impl Vmm {
     /// Sets the stop flag and kicks every vCPU thread until it leaves KVM_RUN.
     fn stop_vcpus(&mut self) {
         self.shared.stopping.store(true, Ordering::Release);
+        self.shared.wake_parked();
         let deadline = Instant::now() + VCPU_STOP_GRACE;
         for h in self.vcpus.drain(..) {
             while !h.is_finished() && Instant::now() < deadline {
@@ -147,6 +303,8 @@ const TOKEN_TIMEOUT: u32 = 3;
 const TOKEN_SIGNAL: u32 = 4;
 const TOKEN_STDIN: u32 = 5;
 const TOKEN_INPUT_DRAINED: u32 = 6;
+const TOKEN_API: u32 = 7;
+const TOKEN_METRICS: u32 = 8;
 
 /// The one subscriber of the VMM loop for this events.
 struct LoopEvents {
@@ -157,6 +315,8 @@ struct LoopEvents {
     escape: EscapeFilter,
     pending_input: Vec<u8>,
     outcome: Arc<std::sync::Mutex<Option<RunOutcome>>>,
+    handles: RuntimeHandles,
+    controller: Arc<Mutex<Option<Controller>>>,
 }
 
 impl LoopEvents {
@@ -164,6 +324,8 @@ impl LoopEvents {
         shared: Arc<VcpuShared>,
         timeout: Option<Duration>,
         console: Option<ConsoleInput>,
+        handles: RuntimeHandles,
+        controller: Arc<Mutex<Option<Controller>>>,
     ) -> std::io::Result<Self> {
         let timeout = match timeout {
             Some(d) => {
@@ -181,6 +343,8 @@ impl LoopEvents {
             escape: EscapeFilter::default(),
             pending_input: Vec::new(),
             outcome: Arc::new(std::sync::Mutex::new(None)),
+            handles,
+            controller,
         })
     }
 
@@ -240,6 +404,17 @@ impl MutEventSubscriber for LoopEvents {
         if let Some((_, t)) = &self.timeout {
             watch.push((t.as_raw_fd(), TOKEN_TIMEOUT));
         }
+        if let Some(c) = self
+            .controller
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            if let Some(fd) = c.api_fd() {
+                watch.push((fd, TOKEN_API));
+            }
+            watch.push((c.metrics_timer_fd(), TOKEN_METRICS));
+        }
         if let Some(console) = &self.console {
             // Not every stdin can be polled (a regular file, /dev/null): then there is no input.
             let stdin = Events::with_data_raw(libc::STDIN_FILENO, TOKEN_STDIN, EventSet::IN);
@@ -285,18 +460,20 @@ impl MutEventSubscriber for LoopEvents {
                 }
             }
             TOKEN_SIGNAL => {
-                let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-                // SAFETY: read writes at most info.len() bytes into the buffer we own.
-                let n = unsafe {
-                    libc::read(
-                        self.signals.as_raw_fd(),
-                        info.as_mut_ptr().cast(),
-                        info.len(),
-                    )
-                };
-                if n == info.len() as isize {
-                    let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
-                    self.finish(RunOutcome::Signal(signo as i32));
+                if let Some(signo) = read_signal(&self.signals) {
+                    self.finish(RunOutcome::Signal(signo));
+                }
+            }
+            TOKEN_API => {
+                let mut c = self.controller.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(c) = c.as_mut() {
+                    c.serve_running(&self.handles);
+                }
+            }
+            TOKEN_METRICS => {
+                let mut c = self.controller.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(c) = c.as_mut() {
+                    c.on_metrics_timer();
                 }
             }
             TOKEN_STDIN => {

@@ -7,8 +7,9 @@
 //! kicking them with a signal until they leave KVM_RUN.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use boot::loader::EntryMode;
 use devices::bus::Bus;
@@ -20,6 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::fault;
 use super::vm::Vm;
+use crate::metrics::VcpuExitMetrics;
 use crate::timeline::Timeline;
 
 /// LAPIC register offsets and delivery modes for LINT0/LINT1.
@@ -87,6 +89,19 @@ pub struct VcpuShared {
     pub stopping: AtomicBool,
     /// The run's timeline.
     pub timeline: Arc<Timeline>,
+    /// Exits by kind, for the metrics file.
+    pub exits: Arc<VcpuExitMetrics>,
+    /// Pause requests and how many vCPU threads are parked.
+    pause: Mutex<PauseState>,
+    /// Signalled when `pause` changes.
+    pause_changed: Condvar,
+}
+
+/// Whether the vCPUs should be parked, and how many are.
+#[derive(Debug, Default)]
+struct PauseState {
+    requested: bool,
+    parked: usize,
 }
 
 impl VcpuShared {
@@ -97,6 +112,7 @@ impl VcpuShared {
         memory: GuestMemoryMmap,
         guest_stop: StopNotifier,
         timeline: Arc<Timeline>,
+        exits: Arc<VcpuExitMetrics>,
     ) -> std::io::Result<Self> {
         Ok(Self {
             pio,
@@ -107,7 +123,75 @@ impl VcpuShared {
             vcpu_event: EventFd::new(EFD_NONBLOCK)?,
             stopping: AtomicBool::new(false),
             timeline,
+            exits,
+            pause: Mutex::new(PauseState::default()),
+            pause_changed: Condvar::new(),
         })
+    }
+
+    fn pause_state(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.pause.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks every vCPU thread to park; the caller kicks them out of KVM_RUN and then waits
+    /// with [`VcpuShared::wait_parked`].
+    pub fn request_pause(&self) {
+        self.pause_state().requested = true;
+    }
+
+    /// Waits until `count` vCPU threads are parked; false if they were not within `limit`
+    /// (a vCPU stuck in the host kernel) or if a stop came first.
+    pub fn wait_parked(&self, count: usize, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut st = self.pause_state();
+        while st.parked < count && !self.should_stop() {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .pause_changed
+                .wait_timeout(st, (deadline - now).min(Duration::from_millis(10)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.parked >= count
+    }
+
+    /// Lets parked vCPU threads run again.
+    pub fn resume(&self) {
+        self.pause_state().requested = false;
+        self.pause_changed.notify_all();
+    }
+
+    /// Whether a pause is requested.
+    pub fn pause_requested(&self) -> bool {
+        self.pause_state().requested
+    }
+
+    /// Wakes parked vCPU threads so that they see a stop.
+    pub fn wake_parked(&self) {
+        let _guard = self.pause_state();
+        self.pause_changed.notify_all();
+    }
+
+    /// Called by a vCPU thread between KVM_RUN calls: parks while a pause is requested.
+    fn park_if_paused(&self) {
+        let mut st = self.pause_state();
+        if !st.requested {
+            return;
+        }
+        st.parked += 1;
+        self.pause_changed.notify_all();
+        while st.requested && !self.should_stop() {
+            st = self
+                .pause_changed
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.parked -= 1;
+        self.pause_changed.notify_all();
     }
 
     fn should_stop(&self) -> bool {
@@ -247,15 +331,23 @@ pub fn spawn(fd: VcpuFd, id: u8, shared: Arc<VcpuShared>) -> std::io::Result<Joi
 
 fn run(mut fd: VcpuFd, id: u8, shared: &VcpuShared) {
     while !shared.should_stop() {
+        shared.park_if_paused();
+        if shared.should_stop() {
+            break;
+        }
         if id == 0 {
             shared.timeline.first_entry();
         }
         let stop = match fd.run() {
             Ok(exit) => handle_exit(exit, id, shared),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                VcpuExitMetrics::inc(&shared.exits.interrupted);
+                None
+            }
             Err(e) => Some(StopKind::Plain(format!("KVM_RUN failed: {e}"))),
         };
         if let Some(kind) = stop {
+            VcpuExitMetrics::inc(&shared.exits.fatal);
             let reason = match kind {
                 StopKind::Plain(s) => s,
                 StopKind::Internal => internal_error_text(&mut fd),
@@ -276,14 +368,17 @@ enum StopKind {
 fn handle_exit(exit: VcpuExit<'_>, id: u8, shared: &VcpuShared) -> Option<StopKind> {
     match exit {
         VcpuExit::IoIn(port, data) => {
+            VcpuExitMetrics::inc(&shared.exits.io_in);
             shared.pio.read(u64::from(port), data);
             None
         }
         VcpuExit::IoOut(port, data) => {
+            VcpuExitMetrics::inc(&shared.exits.io_out);
             shared.pio.write(u64::from(port), data);
             None
         }
         VcpuExit::MmioRead(addr, data) => {
+            VcpuExitMetrics::inc(&shared.exits.mmio_read);
             if !shared.mmio.read(addr, data) {
                 log::debug!(
                     "vCPU {id}: read of {} bytes at unclaimed MMIO {addr:#x}",
@@ -293,6 +388,7 @@ fn handle_exit(exit: VcpuExit<'_>, id: u8, shared: &VcpuShared) -> Option<StopKi
             None
         }
         VcpuExit::MmioWrite(addr, data) => {
+            VcpuExitMetrics::inc(&shared.exits.mmio_write);
             if !shared.mmio.write(addr, data) {
                 log::debug!(
                     "vCPU {id}: write of {} bytes at unclaimed MMIO {addr:#x}",
@@ -302,6 +398,7 @@ fn handle_exit(exit: VcpuExit<'_>, id: u8, shared: &VcpuShared) -> Option<StopKi
             None
         }
         VcpuExit::SystemEvent(kind, _) => {
+            VcpuExitMetrics::inc(&shared.exits.system_event);
             use devices::stop::GuestStop;
             let s = match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => GuestStop::Poweroff,
@@ -318,7 +415,10 @@ fn handle_exit(exit: VcpuExit<'_>, id: u8, shared: &VcpuShared) -> Option<StopKi
             "KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, host cpu {cpu})"
         ))),
         VcpuExit::InternalError => Some(StopKind::Internal),
-        VcpuExit::Intr => None,
+        VcpuExit::Intr => {
+            VcpuExitMetrics::inc(&shared.exits.interrupted);
+            None
+        }
         other => Some(StopKind::Plain(format!("unexpected exit {other:?}"))),
     }
 }
