@@ -250,8 +250,14 @@ pub enum ConfigError {
     BadDiskId(String),
 }
 
-/// The host's physical memory in MiB, from /proc/meminfo.
+/// The host's physical memory in MiB, from /proc/meminfo (read once: every machine-config
+/// request checks against it, and it does not change under a running process).
 pub fn host_memory_mib() -> Option<u64> {
+    static MIB: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *MIB.get_or_init(read_host_memory_mib)
+}
+
+fn read_host_memory_mib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
