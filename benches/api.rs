@@ -47,7 +47,9 @@ use std::{env, thread};
 
 mod common;
 
-use common::{build_probe_guest, parse_number, Result, TempDir};
+use common::{
+    build_probe_guest, parse_flags, parse_number, parse_timeline, Request, Result, TempDir,
+};
 
 const USAGE: &str = "\
 usage: cargo bench --bench api -- [OPTIONS]
@@ -75,7 +77,6 @@ const WARMUP_REQUESTS: usize = 20;
 /// How many lines of a failed process's stderr are shown.
 const STDERR_TAIL_LINES: usize = 5;
 /// The stderr line with the VMM's timeline in CLOCK_MONOTONIC nanoseconds.
-const TIMELINE_PREFIX: &str = "cgvm: timeline-monotonic-ns ";
 /// The body of the timed `PUT /machine-config`.
 const MACHINE_CONFIG_BODY: &str = r#"{"vcpu_count": 2, "mem_size_mib": 256}"#;
 
@@ -102,37 +103,21 @@ impl Default for Options {
     }
 }
 
-/// What the command line asks for.
-enum Request {
-    Run(Options),
-    Help,
-}
-
-fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request> {
-    let mut opts = Options::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| format!("argument {a:?} is not UTF-8"))?;
-        let mut value = || -> Result<String> {
-            args.next()
-                .ok_or_else(|| format!("{arg} needs a value"))?
-                .into_string()
-                .map_err(|v| format!("the value of {arg}, {v:?}, is not UTF-8"))
-        };
-        match arg.as_str() {
-            "--runs" => opts.runs = parse_number(&arg, &value()?)?,
-            "--requests" => opts.requests = parse_number(&arg, &value()?)?,
-            "--clients" => opts.clients = parse_number(&arg, &value()?)?,
+fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Options>> {
+    let request = parse_flags(args, USAGE, Options::default(), |opts, flag, value| {
+        match flag {
+            "--runs" => opts.runs = parse_number(flag, &value()?)?,
+            "--requests" => opts.requests = parse_number(flag, &value()?)?,
+            "--clients" => opts.clients = parse_number(flag, &value()?)?,
             "--vmm" => opts.vmm = PathBuf::from(value()?),
             "--kernel" => opts.kernel = Some(PathBuf::from(value()?)),
-            "--help" | "-h" => return Ok(Request::Help),
-            // `cargo bench` passes --bench to benchmarks without a harness.
-            "--bench" => {}
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
+    let Request::Run(opts) = request else {
+        return Ok(request);
+    };
     for (name, n) in [
         ("--runs", opts.runs),
         ("--requests", opts.requests),
@@ -855,34 +840,6 @@ fn bench_latency(opts: &Options, dir: &Path, ticks_per_second: f64) -> Result<()
 
 // --- 3. --config-file boot ----------------------------------------------------------------------
 
-/// The VMM's events, CLOCK_MONOTONIC nanoseconds; `None`: the event did not happen.
-#[derive(Debug, Default, Clone, Copy)]
-struct Timeline {
-    first_instruction: Option<u64>,
-    boot_complete: Option<u64>,
-}
-
-/// Finds and parses the `--boot-timer` line in the VMM's stderr.
-fn parse_timeline(stderr: &str) -> Option<Timeline> {
-    let line = stderr
-        .lines()
-        .find_map(|l| l.trim_end().strip_prefix(TIMELINE_PREFIX))?;
-    let mut timeline = Timeline::default();
-    for field in line.split_whitespace() {
-        let (key, value) = field.split_once('=')?;
-        let value = match value {
-            "-" => None,
-            v => Some(v.parse::<u64>().ok()?),
-        };
-        match key {
-            "first-instruction" => timeline.first_instruction = value,
-            "boot-complete" => timeline.boot_complete = value,
-            _ => {}
-        }
-    }
-    Some(timeline)
-}
-
 /// A Firecracker config file for the probe guest.
 fn config_json(kernel: &Path) -> Result<String> {
     let kernel = kernel
@@ -1061,23 +1018,6 @@ fn bench(opts: &Options) -> Result<bool> {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args(env::args_os().skip(1)) {
-        Ok(Request::Run(opts)) => opts,
-        Ok(Request::Help) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("api bench: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match bench(&opts) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("api bench: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let request = parse_args(env::args_os().skip(1));
+    common::finish("api bench", USAGE, request, bench)
 }

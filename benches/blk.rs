@@ -41,7 +41,7 @@ use std::{env, thread};
 
 mod common;
 
-use common::{build_probe_guest, parse_number, Result, TempDir};
+use common::{build_probe_guest, parse_flags, parse_number, Request, Result, TempDir};
 
 const USAGE: &str = "\
 usage: cargo bench --bench blk -- [OPTIONS]
@@ -122,28 +122,11 @@ impl Default for Options {
     }
 }
 
-/// What the command line asks for.
-enum Request {
-    Run(Options),
-    Help,
-}
-
-fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request> {
-    let mut opts = Options::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| format!("argument {a:?} is not UTF-8"))?;
-        let mut value = || -> Result<String> {
-            args.next()
-                .ok_or_else(|| format!("{arg} needs a value"))?
-                .into_string()
-                .map_err(|v| format!("the value of {arg}, {v:?}, is not UTF-8"))
-        };
-        match arg.as_str() {
-            "--seconds" => opts.seconds = parse_number(&arg, &value()?)?,
-            "--qd" => opts.qd = parse_number(&arg, &value()?)?,
+fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Options>> {
+    let request = parse_flags(args, USAGE, Options::default(), |opts, flag, value| {
+        match flag {
+            "--seconds" => opts.seconds = parse_number(flag, &value()?)?,
+            "--qd" => opts.qd = parse_number(flag, &value()?)?,
             "--engines" => opts.engines = parse_list(&value()?),
             "--workloads" => {
                 opts.workloads = parse_list(&value()?)
@@ -159,12 +142,13 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request> {
             "--file" => opts.file = Some(PathBuf::from(value()?)),
             "--vmm" => opts.vmm = PathBuf::from(value()?),
             "--kernel" => opts.kernel = Some(PathBuf::from(value()?)),
-            "--help" | "-h" => return Ok(Request::Help),
-            // `cargo bench` passes --bench to benchmarks without a harness.
-            "--bench" => {}
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
+    let Request::Run(opts) = request else {
+        return Ok(request);
+    };
     if opts.seconds == 0 {
         return Err("--seconds must be at least 1".to_string());
     }
@@ -1079,23 +1063,6 @@ fn bench(opts: &Options) -> Result<bool> {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args(env::args_os().skip(1)) {
-        Ok(Request::Run(opts)) => opts,
-        Ok(Request::Help) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("blk bench: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match bench(&opts) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("blk bench: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let request = parse_args(env::args_os().skip(1));
+    common::finish("blk bench", USAGE, request, bench)
 }

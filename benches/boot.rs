@@ -28,7 +28,10 @@ use std::{env, io, thread};
 
 mod common;
 
-use common::{build_probe_guest, parse_number, Result, TempDir};
+use common::{
+    build_probe_guest, parse_flags, parse_number, parse_timeline, Request, Result, TempDir,
+    Timeline,
+};
 
 const USAGE: &str = "\
 usage: cargo bench --bench boot -- [OPTIONS]
@@ -48,7 +51,6 @@ const RUN_TIMEOUT_S: u32 = 30;
 /// How many lines of a failed run's stderr are shown.
 const STDERR_TAIL_LINES: usize = 5;
 /// The stderr line with the VMM's timeline in CLOCK_MONOTONIC nanoseconds.
-const TIMELINE_PREFIX: &str = "cgvm: timeline-monotonic-ns ";
 
 // --- options ------------------------------------------------------------------------------------
 
@@ -79,44 +81,28 @@ impl Default for Options {
     }
 }
 
-/// What the command line asks for.
-enum Request {
-    Run(Options),
-    Help,
-}
-
-fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request> {
-    let mut opts = Options::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| format!("argument {a:?} is not UTF-8"))?;
-        let mut value = || -> Result<String> {
-            args.next()
-                .ok_or_else(|| format!("{arg} needs a value"))?
-                .into_string()
-                .map_err(|v| format!("the value of {arg}, {v:?}, is not UTF-8"))
-        };
-        match arg.as_str() {
-            "--runs" => opts.runs = parse_number(&arg, &value()?)?,
+fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Options>> {
+    let request = parse_flags(args, USAGE, Options::default(), |opts, flag, value| {
+        match flag {
+            "--runs" => opts.runs = parse_number(flag, &value()?)?,
             "--vmm" => opts.vmm = PathBuf::from(value()?),
             "--kernel" => opts.kernel = Some(PathBuf::from(value()?)),
             "--cmdline" => opts.cmdline = value()?,
-            "--cpus" => opts.cpus = parse_number(&arg, &value()?)?,
-            "--memory" => opts.memory_mib = parse_number(&arg, &value()?)?,
+            "--cpus" => opts.cpus = parse_number(flag, &value()?)?,
+            "--memory" => opts.memory_mib = parse_number(flag, &value()?)?,
             "--extra-args" => {
                 let extra = value()?;
                 opts.extra_args
                     .extend(extra.split_whitespace().map(str::to_string));
             }
             "--verbose" | "-v" => opts.verbose = true,
-            "--help" | "-h" => return Ok(Request::Help),
-            // `cargo bench` passes --bench to benchmarks without a harness.
-            "--bench" => {}
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
+    let Request::Run(opts) = request else {
+        return Ok(request);
+    };
     if opts.runs == 0 {
         return Err("--runs must be at least 1".to_string());
     }
@@ -126,15 +112,6 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request> {
 // --- the guest kernel ---------------------------------------------------------------------------
 
 // --- one run ------------------------------------------------------------------------------------
-
-/// The VMM's events, CLOCK_MONOTONIC nanoseconds; `None`: the event did not happen.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-struct Timeline {
-    vmm_start: Option<u64>,
-    first_instruction: Option<u64>,
-    boot_complete: Option<u64>,
-    guest_stop: Option<u64>,
-}
 
 /// What one run of the VMM gave.
 #[derive(Debug)]
@@ -236,29 +213,6 @@ fn run_once(vmm: &Path, args: &[OsString]) -> Result<Run> {
         timeline: parse_timeline(&stderr),
         stderr,
     })
-}
-
-/// Finds and parses the timeline line in the VMM's stderr.
-fn parse_timeline(stderr: &str) -> Option<Timeline> {
-    let line = stderr
-        .lines()
-        .find_map(|l| l.trim_end().strip_prefix(TIMELINE_PREFIX))?;
-    let mut timeline = Timeline::default();
-    for field in line.split_whitespace() {
-        let (key, value) = field.split_once('=')?;
-        let value = match value {
-            "-" => None,
-            v => Some(v.parse::<u64>().ok()?),
-        };
-        match key {
-            "vmm-start" => timeline.vmm_start = value,
-            "first-instruction" => timeline.first_instruction = value,
-            "boot-complete" => timeline.boot_complete = value,
-            "guest-stop" => timeline.guest_stop = value,
-            _ => {} // a newer VMM's event: not measured here
-        }
-    }
-    Some(timeline)
 }
 
 // --- figures ------------------------------------------------------------------------------------
@@ -542,23 +496,6 @@ fn bench(opts: &Options) -> Result<bool> {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args(env::args_os().skip(1)) {
-        Ok(Request::Run(opts)) => opts,
-        Ok(Request::Help) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("boot bench: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match bench(&opts) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("boot bench: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let request = parse_args(env::args_os().skip(1));
+    common::finish("boot bench", USAGE, request, bench)
 }

@@ -61,6 +61,13 @@ fn check(s: &Served, spec: &openapi::Spec, c: &Case<'_>) -> Answer {
     a
 }
 
+/// `PUT /actions` with `action_type` (it must be accepted), then waits for the process to end.
+fn act_and_wait(mut s: Served, spec: &openapi::Spec, action_type: &str, limit: Duration) -> Ended {
+    let body = format!(r#"{{"action_type": "{action_type}"}}"#);
+    check(&s, spec, &case("PUT", "/actions", Some(&body), 204, &[]));
+    s.wait(limit)
+}
+
 #[test]
 fn every_endpoint_answers_success_and_names_each_error_before_the_start() {
     let spec = spec();
@@ -462,19 +469,7 @@ fn every_endpoint_answers_success_and_names_each_error_before_the_start() {
     assert_eq!(s.call("GET", "/", None).status, 200);
 
     // InstanceStart works; the log file then has the start, with levels.
-    check(
-        &s,
-        &spec,
-        &case(
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "InstanceStart"}"#),
-            204,
-            &[],
-        ),
-    );
-    let mut s = s;
-    let end = s.wait(Duration::from_secs(60));
+    let end = act_and_wait(s, &spec, "InstanceStart", Duration::from_secs(60));
     assert_eq!(end.status, Some(0), "{}", end.stderr);
     let text = std::fs::read_to_string(&log).expect("log file");
     assert!(
@@ -642,18 +637,6 @@ fn after_the_start_pre_boot_requests_are_refused_and_drives_can_change() {
         "{}",
         a.body
     );
-    check(
-        &s,
-        &spec,
-        &case(
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-            204,
-            &[],
-        ),
-    );
-    let mut s = s;
-    let end = s.wait(Duration::from_secs(30));
+    let end = act_and_wait(s, &spec, "SendCtrlAltDel", Duration::from_secs(30));
     assert_eq!(end.status, Some(0), "{}", end.stderr);
 }

@@ -31,6 +31,16 @@ fn expect(a: &Answer, status: u16, what: &str) {
     assert_eq!(a.status, status, "{what}: {}", a.body);
 }
 
+/// `PUT /actions` with `action_type`; it must be accepted (204).
+fn action(s: &Served, spec: &openapi::Spec, action_type: &str) {
+    let body = format!(r#"{{"action_type": "{action_type}"}}"#);
+    expect(
+        &call(s, spec, "PUT", "/actions", Some(&body)),
+        204,
+        action_type,
+    );
+}
+
 fn image(dir: &Path, name: &str, mib: u64, fill: u8) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, vec![fill; (mib << 20) as usize]).expect("write the image");
@@ -95,14 +105,7 @@ fn the_probe_boots_through_the_api_alone_then_pauses_resumes_swaps_a_drive_and_s
     assert_eq!(a.json()["vcpu_count"], 2);
     assert_eq!(a.json()["mem_size_mib"], 64);
 
-    let a = call(
-        &s,
-        &spec,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
-    expect(&a, 204, "InstanceStart");
+    action(&s, &spec, "InstanceStart");
     let text = wait_for_text(&console, "probe: waiting", Duration::from_secs(60));
     assert!(text.contains("probe: blk ok"), "{text}");
     assert!(text.contains("probe: rng ok"), "{text}");
@@ -185,14 +188,7 @@ fn the_probe_boots_through_the_api_alone_then_pauses_resumes_swaps_a_drive_and_s
     assert!(a.fault().contains("/nonexistent/disk.img"), "{}", a.body);
 
     // Metrics on demand.
-    let a = call(
-        &s,
-        &spec,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "FlushMetrics"}"#),
-    );
-    expect(&a, 204, "FlushMetrics");
+    action(&s, &spec, "FlushMetrics");
     let m = std::fs::read_to_string(&metrics).expect("metrics file");
     let last: serde_json::Value =
         serde_json::from_str(m.lines().last().expect("a metrics line")).expect("JSON line");
@@ -215,14 +211,7 @@ fn the_probe_boots_through_the_api_alone_then_pauses_resumes_swaps_a_drive_and_s
     );
 
     // Ctrl+Alt+Del: the probe resets, the process exits 0 and removes its socket.
-    let a = call(
-        &s,
-        &spec,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-    );
-    expect(&a, 204, "SendCtrlAltDel");
+    action(&s, &spec, "SendCtrlAltDel");
     let end = s.wait(Duration::from_secs(30));
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     assert!(text.contains("probe: ctrl-alt-del received"), "{text}");
@@ -258,17 +247,7 @@ fn the_guests_exit_status_is_the_process_status() {
         204,
         "machine-config",
     );
-    expect(
-        &call(
-            &s,
-            &spec,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "InstanceStart"}"#),
-        ),
-        204,
-        "InstanceStart",
-    );
+    action(&s, &spec, "InstanceStart");
     let end = s.wait(Duration::from_secs(60));
     assert_eq!(end.status, Some(7), "{}", end.stderr);
     assert!(
@@ -424,17 +403,7 @@ fn invoked_as_firecracker_it_is_a_drop_in() {
     let a = call(&s, &spec, "GET", "/version", None);
     assert!(a.json()["firecracker_version"].is_string(), "{}", a.body);
     wait_for_text(&s.stdout, "probe: waiting", Duration::from_secs(60));
-    expect(
-        &call(
-            &s,
-            &spec,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-        ),
-        204,
-        "SendCtrlAltDel",
-    );
+    action(&s, &spec, "SendCtrlAltDel");
     let end = s.wait(Duration::from_secs(30));
     assert_eq!(end.status, Some(0), "{}", end.stderr);
     assert!(!sock.exists(), "the API socket was left behind");
