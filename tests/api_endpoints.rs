@@ -640,3 +640,64 @@ fn after_the_start_pre_boot_requests_are_refused_and_drives_can_change() {
     let end = act_and_wait(s, &spec, "SendCtrlAltDel", Duration::from_secs(30));
     assert_eq!(end.status, Some(0), "{}", end.stderr);
 }
+
+#[test]
+fn a_failed_start_names_the_problem_and_the_machine_can_be_fixed_and_started() {
+    let spec = spec();
+    let d = scratch("api-failed-start");
+    let junk = d.join("not-a-kernel");
+    std::fs::write(&junk, b"this is not a kernel image").expect("write");
+    let s = Served::serve(&d, &[]);
+    check(
+        &s,
+        &spec,
+        &case(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#),
+            400,
+            &["boot source"],
+        ),
+    );
+    let body = format!(r#"{{"kernel_image_path": "{}"}}"#, junk.display());
+    check(
+        &s,
+        &spec,
+        &case("PUT", "/boot-source", Some(&body), 204, &[]),
+    );
+    check(
+        &s,
+        &spec,
+        &case(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#),
+            400,
+            &["Cannot start microvm", "not-a-kernel"],
+        ),
+    );
+    let a = check(&s, &spec, &case("GET", "/", None, 200, &[]));
+    assert_eq!(a.json()["state"], "Not started");
+    let body = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.tests=boot probe.exit=9"}}"#,
+        probe_elf().display()
+    );
+    check(
+        &s,
+        &spec,
+        &case("PUT", "/boot-source", Some(&body), 204, &[]),
+    );
+    check(
+        &s,
+        &spec,
+        &case(
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#),
+            204,
+            &[],
+        ),
+    );
+    let end = act_and_wait(s, &spec, "InstanceStart", Duration::from_secs(60));
+    assert_eq!(end.status, Some(9), "{}", end.stderr);
+}
