@@ -408,3 +408,26 @@ fn invoked_as_firecracker_it_is_a_drop_in() {
     assert_eq!(end.status, Some(0), "{}", end.stderr);
     assert!(!sock.exists(), "the API socket was left behind");
 }
+
+#[test]
+fn metrics_are_written_every_minute_without_being_asked() {
+    // Firecracker's period is 60 s; this test waits it out (it runs beside the slower Linux
+    // boot test, so the suite takes no longer).
+    let d = scratch("api-metrics-period");
+    let metrics = d.join("metrics.json");
+    let s = Served::serve(&d, &["--metrics-path", metrics.to_str().expect("utf-8")]);
+    assert_eq!(s.call("GET", "/", None).status, 200);
+    let start = Instant::now();
+    let text = wait_for_text(&metrics, "utc_timestamp_ms", Duration::from_secs(75));
+    let took = start.elapsed();
+    assert!(
+        took > Duration::from_secs(50),
+        "a line came after {took:?}, before the period"
+    );
+    let line: serde_json::Value =
+        serde_json::from_str(text.lines().next().expect("a line")).expect("a JSON line");
+    assert!(
+        line["api_server"]["get_requests"].as_u64().unwrap_or(0) >= 1,
+        "{line}"
+    );
+}
