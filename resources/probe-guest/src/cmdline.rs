@@ -11,7 +11,13 @@
 //! - `probe.bench_id=ID`, `probe.bench_ms=N`, `probe.bench_qd=N`, `probe.bench_workloads=a,b`:
 //!   the blkbench check's disk, time per workload, queue depth and workloads;
 //! - `probe.tick_ms=N` (1..=60000): with `probe.exit=hang`, print `probe: tick K` every N ms
-//!   while waiting (see `wait`); no ticks without it.
+//!   while waiting (see `wait`); no ticks without it;
+//! - `probe.net=arp|dhcp`, `probe.net_ip=A.B.C.D`, `probe.net_peer=A.B.C.D`: the net check's
+//!   mode (default arp), our address and the peer's (defaults 10.0.2.15 and 10.0.2.2);
+//! - `probe.vsock_port=N`, `probe.vsock_conns=N`, `probe.vsock_timeout_s=N`,
+//!   `probe.vsock_host_port=N`: the vsock check's listening port (default 52), the echo
+//!   connections to serve (default 1), the time for them (default 30 s), and the host port to
+//!   connect to afterwards (none by default).
 //!
 //! Other words are ignored, except unknown `probe.*` keys, which the caller reports.
 
@@ -46,13 +52,27 @@ pub struct Args<'a> {
     /// `probe.tick_ms`: the period of the waiting loop's ticks, ms ([`TICK_MS`]; a value out
     /// of that range is kept raw).
     pub tick_ms: Setting<'a, u64>,
+    /// `probe.net`: the net check's mode (`arp` or `dhcp`), raw.
+    pub net: Option<&'a [u8]>,
+    /// `probe.net_ip`: our IPv4 address for the ARP request, raw.
+    pub net_ip: Option<&'a [u8]>,
+    /// `probe.net_peer`: the IPv4 address the ARP request asks for, raw.
+    pub net_peer: Option<&'a [u8]>,
+    /// `probe.vsock_port`: the guest port the vsock check listens on.
+    pub vsock_port: Setting<'a, u64>,
+    /// `probe.vsock_host_port`: the host port the vsock check connects to at the end.
+    pub vsock_host_port: Setting<'a, u64>,
+    /// `probe.vsock_conns`: echo connections to serve.
+    pub vsock_conns: Setting<'a, u64>,
+    /// `probe.vsock_timeout_s`: the time for them, s.
+    pub vsock_timeout_s: Setting<'a, u64>,
 }
 
 /// The periods `probe.tick_ms` takes, ms.
 pub const TICK_MS: core::ops::RangeInclusive<u64> = 1..=60_000;
 
 /// Keys the probe knows.
-const KNOWN_KEYS: [&[u8]; 11] = [
+const KNOWN_KEYS: [&[u8]; 18] = [
     b"probe.tests",
     b"probe.exit",
     b"probe.mem",
@@ -64,6 +84,13 @@ const KNOWN_KEYS: [&[u8]; 11] = [
     b"probe.bench_qd",
     b"probe.bench_workloads",
     b"probe.tick_ms",
+    b"probe.net",
+    b"probe.net_ip",
+    b"probe.net_peer",
+    b"probe.vsock_port",
+    b"probe.vsock_host_port",
+    b"probe.vsock_conns",
+    b"probe.vsock_timeout_s",
 ];
 
 /// The command line's words.
@@ -134,6 +161,17 @@ impl<'a> Args<'a> {
                             .filter(|n| TICK_MS.contains(n))
                             .ok_or(raw),
                     )
+                }
+                b"probe.net" => args.net = Some(raw),
+                b"probe.net_ip" => args.net_ip = Some(raw),
+                b"probe.net_peer" => args.net_peer = Some(raw),
+                b"probe.vsock_port" => args.vsock_port = Some(parse_decimal(raw).ok_or(raw)),
+                b"probe.vsock_host_port" => {
+                    args.vsock_host_port = Some(parse_decimal(raw).ok_or(raw))
+                }
+                b"probe.vsock_conns" => args.vsock_conns = Some(parse_decimal(raw).ok_or(raw)),
+                b"probe.vsock_timeout_s" => {
+                    args.vsock_timeout_s = Some(parse_decimal(raw).ok_or(raw))
                 }
                 _ => {}
             }
@@ -302,5 +340,33 @@ mod tests {
         let unknown: Vec<&[u8]> =
             unknown_probe_keys(b"probe.tick_ms=100 probe.tick=1 probe.tick_ms_x=2").collect();
         assert_eq!(unknown, [&b"probe.tick"[..], &b"probe.tick_ms_x"[..]]);
+    }
+
+    #[test]
+    fn net_and_vsock_keys() {
+        let args = Args::parse(
+            b"probe.net=dhcp probe.net_ip=10.0.0.5 probe.net_peer=10.0.0.1 probe.vsock_port=1234 \
+              probe.vsock_host_port=5000 probe.vsock_conns=3 probe.vsock_timeout_s=9",
+        );
+        assert_eq!(args.net, Some(&b"dhcp"[..]));
+        assert_eq!(args.net_ip, Some(&b"10.0.0.5"[..]));
+        assert_eq!(args.net_peer, Some(&b"10.0.0.1"[..]));
+        assert_eq!(args.vsock_port, Some(Ok(1234)));
+        assert_eq!(args.vsock_host_port, Some(Ok(5000)));
+        assert_eq!(args.vsock_conns, Some(Ok(3)));
+        assert_eq!(args.vsock_timeout_s, Some(Ok(9)));
+        assert_eq!(Args::parse(b"").net, None);
+        assert_eq!(Args::parse(b"").vsock_host_port, None);
+        assert_eq!(
+            Args::parse(b"probe.vsock_port=x").vsock_port,
+            Some(Err(&b"x"[..]))
+        );
+        let unknown: Vec<&[u8]> = unknown_probe_keys(
+            b"probe.net=arp probe.net_ip=1 probe.net_peer=2 probe.vsock_port=1 \
+              probe.vsock_host_port=2 probe.vsock_conns=1 probe.vsock_timeout_s=1 \
+              probe.vsock=1 probe.net_mac=x",
+        )
+        .collect();
+        assert_eq!(unknown, [&b"probe.vsock"[..], &b"probe.net_mac"[..]]);
     }
 }

@@ -10,7 +10,10 @@
 //! - `wait`: the waiting loop of `probe.exit=hang` (Ctrl+Alt+Del, virtio-blk configuration
 //!   changes, ticks);
 //! - `checks`: the check registry and the checks (`checks::boot`, `checks::blk`,
-//!   `checks::rng`, `checks::blkbench`);
+//!   `checks::rng`, `checks::blkbench`, `checks::net`, `checks::vsock`);
+//! - `net`: the net check's frames (ARP, DHCP), built and parsed (pure, unit-tested);
+//! - `vsock`: the polling virtio-vsock driver (header codec, connections, credit), generic
+//!   over the transport and unit-tested against a fake device;
 //! - `bootparams`, `cmdline`, `acpi`, `aml`: parsing what the VMM provides (pure,
 //!   unit-tested);
 //! - `discovery`: the virtio-mmio devices, from the command line and from the DSDT;
@@ -40,6 +43,7 @@ mod discovery;
 mod exit;
 mod io;
 mod keyboard;
+mod net;
 mod phys;
 #[cfg(not(test))]
 mod rt;
@@ -49,6 +53,7 @@ mod start;
 mod text;
 mod tsc;
 mod virtio;
+mod vsock;
 mod wait;
 
 use bootparams::BootParams;

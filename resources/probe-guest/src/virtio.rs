@@ -55,6 +55,10 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Feature bit 29: used_event / avail_event index fields (notification suppression).
 pub const VIRTIO_F_EVENT_IDX: u64 = 1 << 29;
 
+/// Device ID of a network card.
+pub const DEVICE_ID_NET: u32 = 1;
+/// Device ID of a socket device (vsock).
+pub const DEVICE_ID_VSOCK: u32 = 19;
 /// Device ID of a block device.
 pub const DEVICE_ID_BLOCK: u32 = 2;
 /// Device ID of an entropy source.
@@ -294,7 +298,6 @@ pub trait Transport {
     /// The configuration generation counter.
     fn config_generation(&self) -> u32;
     /// A byte of the device configuration (0 outside it).
-    #[allow(dead_code)] // for byte fields (net's MAC); blk and rng read only u32 fields
     fn config_u8(&self, offset: usize) -> u8;
     /// A little-endian u32 of the device configuration, one 32-bit access (0 outside it).
     fn config_u32(&self, offset: usize) -> u32;

@@ -18,7 +18,9 @@ use crate::virtio::Mmio;
 pub mod blk;
 pub mod blkbench;
 pub mod boot;
+pub mod net;
 pub mod rng;
+pub mod vsock;
 
 /// What every check may look at.
 pub struct Context<'a> {
@@ -104,6 +106,14 @@ pub const REGISTRY: &[Check] = &[
     Check {
         name: "blkbench",
         run: blkbench::run,
+    },
+    Check {
+        name: "net",
+        run: net::run,
+    },
+    Check {
+        name: "vsock",
+        run: vsock::run,
     },
 ];
 
