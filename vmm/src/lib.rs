@@ -15,6 +15,7 @@ pub mod device_manager;
 pub mod logger;
 pub mod metrics;
 pub mod outcome;
+pub mod passt;
 pub mod resources;
 pub mod rpc;
 pub mod runner;
