@@ -1,0 +1,489 @@
+//! The virtio-net device thread.
+//!
+//! Receive: a frame is read from the tap (header included) into a host buffer, then copied
+//! into as many receive chains as it needs (one without MRG_RXBUF), with `num_buffers` set
+//! in its header. A frame is never read while the previous one waits: when the guest has
+//! posted too little room, or the receive limiter holds it back, the frame stays pending and
+//! the tap leaves the epoll set; the receive queue's notification (or the limiter's timer)
+//! brings it back. So the thread never spins and never drops a frame it has room for.
+//!
+//! Transmit: each chain (header and frame, device-readable, at most [`MAX_TX_FRAME`] bytes)
+//! is gathered into a host buffer and written to the tap in one write.
+//!
+//! A malformed chain costs only its own frame: it goes back to the guest with a used length
+//! of 0 and is counted; the thread goes on.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::tap::{Tap, VNET_HDR_LEN};
+use super::NetMetrics;
+use crate::rate_limiter::{RateLimiter, TokenType};
+use crate::virtio::worker::{DeviceWorker, Sources};
+use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
+
+/// The largest frame (header included) read from the tap: a 64 KiB GSO packet behind an
+/// Ethernet header with a VLAN tag.
+pub const MAX_RX_FRAME: usize = VNET_HDR_LEN + 65535 + 18;
+/// The largest transmit chain (header included) the device sends; longer ones are dropped.
+pub const MAX_TX_FRAME: usize = VNET_HDR_LEN + 65535 + 18;
+/// The most frames read from the tap for one event, so transmit is not starved (the tap
+/// stays in the epoll set, which is level-triggered, so the rest follow).
+pub const RX_BATCH: usize = 64;
+
+const RX_QUEUE_TOKEN: u32 = 0;
+const TX_QUEUE_TOKEN: u32 = 1;
+const TAP_TOKEN: u32 = 2;
+const RX_LIMITER_TOKEN: u32 = 3;
+const TX_LIMITER_TOKEN: u32 = 4;
+
+/// A receive chain checked for use: its head and its device-writable pieces.
+struct RxChain {
+    head: u16,
+    pieces: Vec<(GuestAddress, usize)>,
+}
+
+/// What became of the pending frame.
+enum Rx {
+    /// Delivered, or dropped for good: read the next one.
+    Done,
+    /// No room or throttled: keep it, stop reading the tap.
+    Wait,
+}
+
+fn count(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The network device's worker.
+pub struct NetWorker {
+    mem: GuestMemoryMmap,
+    rx: ActiveQueue,
+    tx: ActiveQueue,
+    tap: Arc<Tap>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
+    mergeable: bool,
+    metrics: Arc<NetMetrics>,
+    rx_buf: Vec<u8>,
+    /// The length of the frame in `rx_buf` that waits for the guest.
+    pending: Option<usize>,
+    /// Whether the tap is in the epoll set.
+    reading_tap: bool,
+    tx_buf: Vec<u8>,
+}
+
+impl NetWorker {
+    /// A worker for the receive and transmit queues over `tap`; `mergeable` is whether the
+    /// driver accepted MRG_RXBUF.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        mem: GuestMemoryMmap,
+        rx: ActiveQueue,
+        tx: ActiveQueue,
+        tap: Arc<Tap>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        rx_limiter: Option<RateLimiter>,
+        tx_limiter: Option<RateLimiter>,
+        mergeable: bool,
+        metrics: Arc<NetMetrics>,
+    ) -> Self {
+        Self {
+            mem,
+            rx,
+            tx,
+            tap,
+            interrupt,
+            rx_limiter,
+            tx_limiter,
+            mergeable,
+            metrics,
+            rx_buf: vec![0; MAX_RX_FRAME],
+            pending: None,
+            reading_tap: true,
+            tx_buf: vec![0; MAX_TX_FRAME],
+        }
+    }
+
+    /// Whether the worker waits on the tap (false while a frame waits for the guest).
+    pub fn is_reading_tap(&self) -> bool {
+        self.reading_tap
+    }
+
+    /// Whether a frame read from the tap waits for room in the guest.
+    pub fn has_pending_frame(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    fn notify(&mut self, tx: bool) -> Result<(), String> {
+        let queue = if tx { &mut self.tx } else { &mut self.rx };
+        if queue
+            .queue
+            .needs_notification(&self.mem)
+            .map_err(|e| format!("queue {}: {e}", queue.index))?
+        {
+            self.interrupt
+                .trigger(InterruptReason::Queue(queue.index))
+                .map_err(|e| format!("interrupt: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Moves frames from the tap to the guest until the tap is empty, the guest has no room,
+    /// the limiter says wait, or [`RX_BATCH`] frames were read.
+    fn process_rx(&mut self, sources: &Sources<'_>) -> Result<(), String> {
+        let mut used_any = false;
+        let mut read = 0;
+        let want_tap = loop {
+            let len = match self.pending {
+                Some(len) => len,
+                None => {
+                    if read == RX_BATCH {
+                        break true;
+                    }
+                    match self.tap.read_frame(&mut self.rx_buf) {
+                        Ok(Some(n)) => {
+                            read += 1;
+                            self.pending = Some(n);
+                            n
+                        }
+                        Ok(None) => break true,
+                        Err(e) => match e.raw_os_error() {
+                            // The frame did not fit or was malformed; it is gone.
+                            Some(libc::EFAULT) | Some(libc::EINVAL) | Some(libc::EMSGSIZE) => {
+                                read += 1;
+                                count(&self.metrics.rx_dropped, 1);
+                                continue;
+                            }
+                            _ => return Err(format!("tap {}: read: {e}", self.tap.name())),
+                        },
+                    }
+                }
+            };
+            if len <= VNET_HDR_LEN {
+                count(&self.metrics.rx_dropped, 1);
+                self.pending = None;
+                continue;
+            }
+            match self.deliver(len, &mut used_any)? {
+                Rx::Done => self.pending = None,
+                Rx::Wait => break false,
+            }
+        };
+        if want_tap != self.reading_tap {
+            let fd = self.tap.as_raw_fd();
+            let r = if want_tap {
+                sources.add(fd, TAP_TOKEN)
+            } else {
+                sources.remove(fd)
+            };
+            r.map_err(|e| format!("tap {}: epoll: {e}", self.tap.name()))?;
+            self.reading_tap = want_tap;
+        }
+        if used_any {
+            self.notify(false)?;
+        }
+        Ok(())
+    }
+
+    /// Pops and checks one receive chain; `Err(head)` for a malformed one.
+    fn pop_rx_chain(&mut self) -> Option<Result<RxChain, u16>> {
+        let chain = self.rx.queue.pop_descriptor_chain(&self.mem)?;
+        let head = chain.head_index();
+        let mut pieces = Vec::new();
+        for d in chain {
+            let len = d.len() as usize;
+            if !d.is_write_only() || !GuestMemoryBackend::check_range(&self.mem, d.addr(), len) {
+                return Some(Err(head));
+            }
+            if len > 0 {
+                pieces.push((d.addr(), len));
+            }
+        }
+        let room: usize = pieces.iter().map(|p| p.1).sum();
+        if room < VNET_HDR_LEN {
+            return Some(Err(head));
+        }
+        Some(Ok(RxChain { head, pieces }))
+    }
+
+    /// Puts the frame of `len` bytes in `rx_buf` into the guest's receive chains.
+    fn deliver(&mut self, len: usize, used_any: &mut bool) -> Result<Rx, String> {
+        let mut chains: Vec<RxChain> = Vec::new();
+        let mut room = 0usize;
+        let mut popped = 0u16;
+        // Times the ring looked empty; bounded, so that a broken avail index cannot make
+        // this loop spin.
+        let mut empty = 0;
+        while room < len && (self.mergeable || popped == 0) {
+            match self.pop_rx_chain() {
+                None => {
+                    empty += 1;
+                    // Out of buffers: ask for a notification when the driver adds one (with
+                    // EVENT_IDX, for the entry after the last one taken: the next_avail now),
+                    // unless it added some meanwhile.
+                    if self
+                        .rx
+                        .queue
+                        .enable_notification(&self.mem)
+                        .map_err(|e| format!("rx queue: {e}"))?
+                        && empty < 4
+                    {
+                        continue;
+                    }
+                    break;
+                }
+                Some(Ok(c)) => {
+                    popped += 1;
+                    room += c.pieces.iter().map(|p| p.1).sum::<usize>();
+                    chains.push(c);
+                }
+                Some(Err(bad)) => {
+                    // The frame is dropped; every chain taken for it goes back unused.
+                    log::debug!("virtio-net: malformed receive chain {bad}; frame dropped");
+                    count(&self.metrics.rx_errors, 1);
+                    count(&self.metrics.rx_dropped, 1);
+                    for head in chains.iter().map(|c| c.head).chain([bad]) {
+                        self.rx
+                            .queue
+                            .add_used(&self.mem, head, 0)
+                            .map_err(|e| format!("rx used ring: {e}"))?;
+                    }
+                    *used_any = true;
+                    return Ok(Rx::Done);
+                }
+            }
+        }
+        if room < len {
+            let all = popped >= self.rx.queue.size();
+            if !self.mergeable && popped == 1 {
+                // One chain is all a frame may have, and this one is too short for it.
+                log::debug!("virtio-net: receive buffer of {room} bytes for a {len}-byte frame");
+                count(&self.metrics.rx_errors, 1);
+                count(&self.metrics.rx_dropped, 1);
+                self.rx
+                    .queue
+                    .add_used(&self.mem, chains[0].head, 0)
+                    .map_err(|e| format!("rx used ring: {e}"))?;
+                *used_any = true;
+                return Ok(Rx::Done);
+            }
+            self.rewind_rx(popped);
+            if all {
+                // Every buffer the ring can hold is too little: waiting would never end.
+                count(&self.metrics.rx_dropped, 1);
+                return Ok(Rx::Done);
+            }
+            return Ok(Rx::Wait);
+        }
+        if let Some(l) = self.rx_limiter.as_mut() {
+            let bytes = (len - VNET_HDR_LEN) as u64;
+            let ok = if !l.consume(1, TokenType::Ops) {
+                false
+            } else if !l.consume(bytes, TokenType::Bytes) {
+                l.manual_replenish(1, TokenType::Ops);
+                false
+            } else {
+                true
+            };
+            if !ok {
+                count(&self.metrics.rx_throttled, 1);
+                self.rewind_rx(popped);
+                return Ok(Rx::Wait);
+            }
+        }
+        // num_buffers (le16 at offset 10 of the header): how many chains the frame uses.
+        self.rx_buf[10..12].copy_from_slice(&popped.to_le_bytes());
+        let mut off = 0usize;
+        for c in &chains {
+            let start = off;
+            for &(addr, plen) in &c.pieces {
+                if off == len {
+                    break;
+                }
+                let n = plen.min(len - off);
+                if self
+                    .mem
+                    .write_slice(&self.rx_buf[off..off + n], addr)
+                    .is_err()
+                {
+                    // Checked above, so only a guest that changed its memory map gets here.
+                    count(&self.metrics.rx_errors, 1);
+                    break;
+                }
+                off += n;
+            }
+            let used = u32::try_from(off - start).unwrap_or(u32::MAX);
+            self.rx
+                .queue
+                .add_used(&self.mem, c.head, used)
+                .map_err(|e| format!("rx used ring: {e}"))?;
+        }
+        *used_any = true;
+        count(&self.metrics.rx_frames, 1);
+        count(&self.metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
+        Ok(Rx::Done)
+    }
+
+    fn rewind_rx(&mut self, n: u16) {
+        for _ in 0..n {
+            self.rx.queue.go_to_previous_position();
+        }
+    }
+
+    /// Sends the guest's transmit chains until the ring is empty or the limiter says wait.
+    fn process_tx(&mut self) -> Result<(), String> {
+        let mut used_any = false;
+        'ring: loop {
+            self.tx
+                .queue
+                .disable_notification(&self.mem)
+                .map_err(|e| format!("tx queue: {e}"))?;
+            while let Some(chain) = self.tx.queue.pop_descriptor_chain(&self.mem) {
+                let head = chain.head_index();
+                if let Some(l) = self.tx_limiter.as_mut() {
+                    let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+                    let bytes = bytes
+                        .min(MAX_TX_FRAME as u64)
+                        .saturating_sub(VNET_HDR_LEN as u64);
+                    let ok = if !l.consume(1, TokenType::Ops) {
+                        false
+                    } else if !l.consume(bytes, TokenType::Bytes) {
+                        l.manual_replenish(1, TokenType::Ops);
+                        false
+                    } else {
+                        true
+                    };
+                    if !ok {
+                        // Back on the ring, notifications off: the limiter's timer resumes us.
+                        self.tx.queue.go_to_previous_position();
+                        count(&self.metrics.tx_throttled, 1);
+                        break 'ring;
+                    }
+                }
+                let mut total = 0usize;
+                let mut why = None;
+                for d in chain {
+                    let len = d.len() as usize;
+                    if d.is_write_only() {
+                        why = Some("device-writable descriptor");
+                        break;
+                    }
+                    if len > MAX_TX_FRAME - total {
+                        why = Some("frame too long");
+                        break;
+                    }
+                    if self
+                        .mem
+                        .read_slice(&mut self.tx_buf[total..total + len], d.addr())
+                        .is_err()
+                    {
+                        why = Some("buffer outside guest memory");
+                        break;
+                    }
+                    total += len;
+                }
+                if why.is_none() && total < VNET_HDR_LEN {
+                    why = Some("shorter than the virtio-net header");
+                }
+                match why {
+                    Some(why) => {
+                        log::debug!("virtio-net: transmit chain {head} dropped: {why}");
+                        count(&self.metrics.tx_errors, 1);
+                        count(&self.metrics.tx_dropped, 1);
+                    }
+                    None => match self.tap.write_frame(&self.tx_buf[..total]) {
+                        Ok(_) => {
+                            count(&self.metrics.tx_frames, 1);
+                            count(&self.metrics.tx_bytes, (total - VNET_HDR_LEN) as u64);
+                        }
+                        Err(e) => {
+                            log::debug!("virtio-net: tap {}: write: {e}", self.tap.name());
+                            count(&self.metrics.tx_dropped, 1);
+                        }
+                    },
+                }
+                self.tx
+                    .queue
+                    .add_used(&self.mem, head, 0)
+                    .map_err(|e| format!("tx used ring: {e}"))?;
+                used_any = true;
+            }
+            if !self
+                .tx
+                .queue
+                .enable_notification(&self.mem)
+                .map_err(|e| format!("tx queue: {e}"))?
+            {
+                break;
+            }
+        }
+        if used_any {
+            self.notify(true)?;
+        }
+        Ok(())
+    }
+}
+
+impl DeviceWorker for NetWorker {
+    fn kind(&self) -> &'static str {
+        "virtio-net"
+    }
+
+    fn sources(&self) -> Vec<(RawFd, u32)> {
+        let mut s = vec![
+            (self.rx.notify.as_raw_fd(), RX_QUEUE_TOKEN),
+            (self.tx.notify.as_raw_fd(), TX_QUEUE_TOKEN),
+        ];
+        if self.reading_tap {
+            s.push((self.tap.as_raw_fd(), TAP_TOKEN));
+        }
+        if let Some(l) = &self.rx_limiter {
+            s.push((l.as_raw_fd(), RX_LIMITER_TOKEN));
+        }
+        if let Some(l) = &self.tx_limiter {
+            s.push((l.as_raw_fd(), TX_LIMITER_TOKEN));
+        }
+        s
+    }
+
+    fn syscalls(&self) -> &'static [i64] {
+        &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime]
+    }
+
+    fn handle(&mut self, token: u32, sources: &Sources<'_>) -> Result<(), String> {
+        match token {
+            RX_QUEUE_TOKEN => {
+                let _ = self.rx.notify.read();
+                self.process_rx(sources)
+            }
+            TX_QUEUE_TOKEN => {
+                let _ = self.tx.notify.read();
+                self.process_tx()
+            }
+            TAP_TOKEN => self.process_rx(sources),
+            RX_LIMITER_TOKEN => {
+                if let Some(l) = &mut self.rx_limiter {
+                    if let Err(e) = l.event_handler() {
+                        log::debug!("virtio-net: rx limiter: {e}");
+                    }
+                }
+                self.process_rx(sources)
+            }
+            TX_LIMITER_TOKEN => {
+                if let Some(l) = &mut self.tx_limiter {
+                    if let Err(e) = l.event_handler() {
+                        log::debug!("virtio-net: tx limiter: {e}");
+                    }
+                }
+                self.process_tx()
+            }
+            _ => Ok(()),
+        }
+    }
+}
