@@ -13,7 +13,9 @@ use clap::{Args, Parser, Subcommand};
 use devices::rate_limiter::RateLimiterConfig;
 use serve::ServeArgs;
 use vmm::builder::{build, ConsoleIo};
-use vmm::config::{parse_size, per_second, ConsoleConfig, DiskConfig, VmConfig, DEFAULT_CMDLINE};
+use vmm::config::{
+    parse_size, per_second, ConsoleConfig, DiskConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+};
 use vmm::outcome::EXIT_VMM_ERROR;
 use vmm::timeline::{monotonic_ns, Timeline};
 
@@ -119,6 +121,10 @@ struct RunArgs {
     /// Limit the entropy device to SIZE bytes per second (e.g. 4K).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "rng")]
     rng_rate: Option<u64>,
+    /// A virtio-vsock device, CID[,uds=PATH]: host programs connect to PATH and write
+    /// `CONNECT <port>`; guest connections to host port P go to PATH_P (Firecracker's model).
+    #[arg(long, value_name = "SPEC", value_parser = VsockConfig::parse_cli)]
+    vsock: Option<VsockConfig>,
     /// Run device threads without their seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -159,6 +165,7 @@ impl RunArgs {
                 ops: None,
             }),
             disks: self.disks.clone(),
+            vsock: self.vsock.clone(),
             seccomp: !self.no_seccomp,
         })
     }

@@ -57,6 +57,9 @@ pub enum BuildError {
     /// A disk could not be attached.
     #[error(transparent)]
     Disk(#[from] block::BlockError),
+    /// The vsock device could not be set up.
+    #[error(transparent)]
+    Vsock(#[from] devices::virtio::vsock::VsockError),
     /// The console file or another host resource.
     #[error("{what}: {source}")]
     Io {
@@ -253,6 +256,16 @@ pub fn build(
                 Box::new(move || crate::metrics::rng_json(&m)),
             ));
         virtio.add(&vm, mem, &mut mmio, Box::new(rng))?;
+    }
+
+    if let Some(v) = &config.vsock {
+        let dev = devices::virtio::vsock::Vsock::new(u64::from(v.cid), &v.uds_path)?;
+        log::info!(
+            "vsock: guest CID {}, host socket {}",
+            v.cid,
+            v.uds_path.display()
+        );
+        virtio.add(&vm, mem, &mut mmio, Box::new(dev))?;
     }
 
     // What the guest reads at entry: command line (with the devices), ACPI, boot params.

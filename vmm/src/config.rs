@@ -128,6 +128,47 @@ impl DiskConfig {
         Ok(d)
     }
 }
+/// The vsock device: the guest's CID and the host socket its connections go through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u32,
+    /// Host clients connect here; guest connections to port P go to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// Parses the CLI form `CID[,uds=PATH]`; without `uds=` the socket is
+    /// `$XDG_RUNTIME_DIR/cgvm-<pid>.vsock` (or under /tmp).
+    pub fn parse_cli(spec: &str) -> Result<Self, String> {
+        let mut parts = spec.split(',');
+        let cid_text = parts.next().unwrap_or_default();
+        let cid = cid_text
+            .parse::<u32>()
+            .ok()
+            .filter(|&c| c >= 3 && c != u32::MAX)
+            .ok_or_else(|| {
+                format!("--vsock {spec}: CID '{cid_text}' must be a number from 3 to 4294967294")
+            })?;
+        let mut uds_path = None;
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("uds", p)) if !p.is_empty() => uds_path = Some(PathBuf::from(p)),
+                _ => return Err(format!("--vsock {spec}: unknown option '{opt}' (uds=PATH)")),
+            }
+        }
+        let uds_path = uds_path.unwrap_or_else(|| {
+            let dir = std::env::var_os("XDG_RUNTIME_DIR")
+                .map(PathBuf::from)
+                .filter(|d| d.is_dir())
+                .unwrap_or_else(std::env::temp_dir);
+            dir.join(format!("cgvm-{}.vsock", std::process::id()))
+        });
+        Ok(Self { cid, uds_path })
+    }
+}
+
 /// Kernel command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -188,6 +229,9 @@ pub struct VmConfig {
     /// Disks, in the order the guest sees them (vda, vdb, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// The vsock device, if any.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// Install the seccomp filters (off only for debugging).
     #[serde(default = "default_true")]
     pub seccomp: bool,
@@ -211,6 +255,7 @@ impl Default for VmConfig {
             rng: false,
             rng_rate_limiter: None,
             disks: Vec::new(),
+            vsock: None,
             seccomp: true,
         }
     }
