@@ -1,16 +1,18 @@
-//! virtio-net (device type 1) over a host TAP interface.
+//! virtio-net (device type 1) over a host TAP interface or a stream to passt.
 //!
 //! - `tap`: opening an existing TAP interface by name ([`Tap`]), with the 12-byte virtio-net
 //!   header on every frame and the offloads the guest negotiated.
-//! - `worker`: the device thread ([`NetWorker`]): the receive queue (frames from the tap into
-//!   guest buffers, mergeable or not), the transmit queue (guest frames to the tap), the two
-//!   rate limiters.
+//! - `stream`: a stream socket to passt ([`FrameStream`]): each frame behind its length as a
+//!   4-byte big-endian number, no virtio-net header, partial reads and writes buffered.
+//! - `worker`: the device thread ([`NetWorker`]): the receive queue (frames from the backend
+//!   into guest buffers, mergeable or not), the transmit queue (guest frames to the backend),
+//!   the two rate limiters.
 //!
-//! Two queues: 0 is receive, 1 is transmit (no multiqueue, no control queue). The tap is
-//! opened by [`Net::new`], before any guest runs, and outlives activations; the offloads are
-//! set at each activation from the features the driver accepted.
+//! Two queues: 0 is receive, 1 is transmit (no multiqueue, no control queue). The backend
+//! ([`Backend`]) is set up by [`Net::new`], before any guest runs, and outlives activations;
+//! a tap's offloads are set at each activation from the features the driver accepted.
 //!
-//! Features offered:
+//! Features offered over a tap:
 //! - VERSION_1 (always; the header is then `virtio_net_hdr_v1`, 12 bytes, with
 //!   `num_buffers`), EVENT_IDX;
 //! - MAC when a MAC address is configured (otherwise the guest picks one), STATUS (the link
@@ -21,15 +23,20 @@
 //! - GUEST_CSUM, GUEST_TSO4, GUEST_TSO6, GUEST_ECN, GUEST_UFO: each only when the kernel
 //!   accepts the matching TUNSETOFFLOAD flag on this tap (UFO is refused by some kernels).
 //!
+//! Over a stream to passt, the same without any offload (no CSUM, HOST_*, GUEST_*): passt
+//! takes and gives only complete frames with their checksums.
+//!
 //! Not offered: CTRL_VQ (and so no promiscuous/VLAN filtering or announce), MQ, MTU,
 //! GUEST_ANNOUNCE, the hash and RSS features, USO.
 
+mod stream;
 mod tap;
 mod worker;
 
 #[cfg(test)]
 mod tests;
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -40,6 +47,7 @@ use super::{
 };
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 
+pub use stream::{FrameStream, StreamError, MAX_STREAM_FRAME};
 pub use tap::{
     Tap, TapError, MAX_NAME_LEN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
     VNET_HDR_LEN,
@@ -86,11 +94,24 @@ pub mod features {
 /// The link-up bit of the configuration space's status field.
 pub const STATUS_LINK_UP: u16 = 1;
 
+/// What a network device's frames go through on the host.
+#[derive(Debug)]
+pub enum NetBackendConfig {
+    /// An existing host TAP interface, by name.
+    Tap {
+        /// The interface's name.
+        name: String,
+    },
+    /// A connected stream socket whose other end passt serves (`passt --fd`): frames behind
+    /// 4-byte big-endian lengths. The device takes ownership of the descriptor.
+    Stream(OwnedFd),
+}
+
 /// How to build a network device.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct NetConfig {
-    /// The existing host TAP interface to attach to.
-    pub tap: String,
+    /// Where the frames go.
+    pub backend: NetBackendConfig,
     /// The guest's MAC address; `None` leaves the choice to the guest.
     pub mac: Option<[u8; 6]>,
     /// Limits what the guest receives (bytes and frames).
@@ -105,6 +126,45 @@ pub enum NetError {
     /// The tap could not be opened.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// The stream to passt could not be set up.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+}
+
+/// The host side of a network device.
+#[derive(Debug)]
+pub enum Backend {
+    /// A TAP interface: frames with a virtio-net header, offloads.
+    Tap(Tap),
+    /// A stream to passt: length-prefixed frames, no header, no offloads.
+    Stream(FrameStream),
+}
+
+impl Backend {
+    /// Sets up the backend `config` describes.
+    pub fn open(config: NetBackendConfig) -> Result<Self, NetError> {
+        Ok(match config {
+            NetBackendConfig::Tap { name } => Backend::Tap(Tap::open(&name)?),
+            NetBackendConfig::Stream(fd) => Backend::Stream(FrameStream::new(fd)?),
+        })
+    }
+
+    /// What the backend is, for messages: "tap NAME" or "stream to passt".
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Tap(t) => format!("tap {}", t.name()),
+            Backend::Stream(_) => "stream to passt".to_string(),
+        }
+    }
+}
+
+impl AsRawFd for Backend {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Backend::Tap(t) => t.as_raw_fd(),
+            Backend::Stream(s) => s.as_raw_fd(),
+        }
+    }
 }
 
 /// Counters of a network device, shared with whoever reads them (the VMM's metrics). They
@@ -116,7 +176,7 @@ pub struct NetMetrics {
     pub rx_bytes: AtomicU64,
     /// Frames delivered to the guest.
     pub rx_frames: AtomicU64,
-    /// Frames read from the tap that never reached the guest (bad receive chains, a frame
+    /// Frames read from the backend that never reached the guest (bad receive chains, a frame
     /// larger than every buffer the guest could post, tap read errors).
     pub rx_dropped: AtomicU64,
     /// Malformed receive chains (device-readable descriptors, addresses outside guest
@@ -124,9 +184,9 @@ pub struct NetMetrics {
     pub rx_errors: AtomicU64,
     /// Times a received frame was held back by the receive rate limiter.
     pub rx_throttled: AtomicU64,
-    /// Bytes of the frames written to the tap.
+    /// Bytes of the frames written to the backend (or, on a full stream, queued for it).
     pub tx_bytes: AtomicU64,
-    /// Frames written to the tap.
+    /// Frames written to the backend (or, on a full stream, queued for it).
     pub tx_frames: AtomicU64,
     /// Guest frames that were not sent (malformed chains, tap write errors).
     pub tx_dropped: AtomicU64,
@@ -139,8 +199,10 @@ pub struct NetMetrics {
 
 /// The network device.
 pub struct Net {
-    tap: Arc<Tap>,
-    config: NetConfig,
+    backend: Arc<Backend>,
+    mac: Option<[u8; 6]>,
+    rx_rate_limiter: Option<RateLimiterConfig>,
+    tx_rate_limiter: Option<RateLimiterConfig>,
     avail_features: u64,
     worker: Option<WorkerHandle>,
     metrics: Arc<NetMetrics>,
@@ -149,28 +211,40 @@ pub struct Net {
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Net")
-            .field("tap", &self.config.tap)
-            .field("mac", &self.config.mac)
+            .field("backend", &self.backend.describe())
+            .field("mac", &self.mac)
             .field("active", &self.worker.is_some())
             .finish()
     }
 }
 
-/// The features offered over a tap whose kernel accepts the offloads `offloads`.
-fn offered_features(mac: bool, offloads: u32) -> u64 {
+/// The features offered whatever the backend.
+fn base_features(mac: bool) -> u64 {
     use features::*;
     let mut f: u64 = (1 << VIRTIO_F_VERSION_1)
         | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << STATUS)
-        | (1 << MRG_RXBUF)
+        | (1 << MRG_RXBUF);
+    if mac {
+        f |= 1 << MAC;
+    }
+    f
+}
+
+/// The features offered over `backend`: over a tap, the host offloads and the guest
+/// offloads its kernel accepts; over a stream, none.
+fn offered_features(mac: bool, backend: &Backend) -> u64 {
+    use features::*;
+    let Backend::Tap(tap) = backend else {
+        return base_features(mac);
+    };
+    let offloads = tap.supported_offloads();
+    let mut f = base_features(mac)
         | (1 << CSUM)
         | (1 << HOST_TSO4)
         | (1 << HOST_TSO6)
         | (1 << HOST_ECN)
         | (1 << HOST_UFO);
-    if mac {
-        f |= 1 << MAC;
-    }
     if offloads & TUN_F_CSUM != 0 {
         f |= 1 << GUEST_CSUM;
         for (flag, bit) in [
@@ -210,13 +284,16 @@ pub fn offloads_for(acked: u64) -> u32 {
 }
 
 impl Net {
-    /// Opens the tap `config.tap` and makes an inactive device over it.
+    /// Sets up the backend (opens the tap, or takes the stream) and makes an inactive device
+    /// over it.
     pub fn new(config: NetConfig) -> Result<Self, NetError> {
-        let tap = Tap::open(&config.tap)?;
-        let avail_features = offered_features(config.mac.is_some(), tap.supported_offloads());
+        let backend = Backend::open(config.backend)?;
+        let avail_features = offered_features(config.mac.is_some(), &backend);
         Ok(Self {
-            tap: Arc::new(tap),
-            config,
+            backend: Arc::new(backend),
+            mac: config.mac,
+            rx_rate_limiter: config.rx_rate_limiter,
+            tx_rate_limiter: config.tx_rate_limiter,
             avail_features,
             worker: None,
             metrics: Arc::default(),
@@ -228,15 +305,23 @@ impl Net {
         self.metrics.clone()
     }
 
-    /// The tap's name.
-    pub fn tap_name(&self) -> &str {
-        self.tap.name()
+    /// The tap's name; `None` over a stream.
+    pub fn tap_name(&self) -> Option<&str> {
+        match &*self.backend {
+            Backend::Tap(t) => Some(t.name()),
+            Backend::Stream(_) => None,
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     /// The configuration space: the MAC address (zeros without one) and the status.
     fn config_space(&self) -> [u8; 8] {
         let mut c = [0u8; 8];
-        c[..6].copy_from_slice(&self.config.mac.unwrap_or_default());
+        c[..6].copy_from_slice(&self.mac.unwrap_or_default());
         c[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
         c
     }
@@ -264,8 +349,8 @@ impl VirtioDevice for Net {
         let got = ctx.queues.len();
         if self.worker.is_some() {
             return Err(ActivateError::Backend(format!(
-                "virtio-net {}: activated twice",
-                self.tap.name()
+                "virtio-net ({}): activated twice",
+                self.backend.describe()
             )));
         }
         let mut queues = ctx.queues.into_iter();
@@ -276,9 +361,10 @@ impl VirtioDevice for Net {
         let event_idx = acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         rx.queue.set_event_idx(event_idx);
         tx.queue.set_event_idx(event_idx);
-        self.tap
-            .set_offloads(offloads_for(acked))
-            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        if let Backend::Tap(tap) = &*self.backend {
+            tap.set_offloads(offloads_for(acked))
+                .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        }
         let limiter = |c: &Option<RateLimiterConfig>| match c {
             Some(c) => RateLimiter::new(c)
                 .map(Some)
@@ -289,10 +375,10 @@ impl VirtioDevice for Net {
             ctx.mem,
             rx,
             tx,
-            self.tap.clone(),
+            self.backend.clone(),
             ctx.interrupt.clone(),
-            limiter(&self.config.rx_rate_limiter)?,
-            limiter(&self.config.tx_rate_limiter)?,
+            limiter(&self.rx_rate_limiter)?,
+            limiter(&self.tx_rate_limiter)?,
             acked & (1 << features::MRG_RXBUF) != 0,
             self.metrics.clone(),
         );

@@ -134,10 +134,20 @@ impl Rig {
         rx_limit: Option<RateLimiter>,
         tx_limit: Option<RateLimiter>,
     ) -> Self {
+        let tap = Backend::Tap(Tap::open(name).unwrap());
+        Self::over(tap, mergeable, rx_limit, tx_limit)
+    }
+
+    fn over(
+        backend: Backend,
+        mergeable: bool,
+        rx_limit: Option<RateLimiter>,
+        tx_limit: Option<RateLimiter>,
+    ) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let (rx, rxq) = Driver::new(&mem, 0);
         let (tx, txq) = Driver::new(&mem, 0x4000);
-        let tap = Arc::new(Tap::open(name).unwrap());
+        let backend = Arc::new(backend);
         let metrics = Arc::new(NetMetrics::default());
         let intr = Arc::new(CountingInterrupt::default());
         let q = |index, queue| ActiveQueue {
@@ -149,7 +159,7 @@ impl Rig {
             mem.clone(),
             q(RX_QUEUE, rxq),
             q(TX_QUEUE, txq),
-            tap,
+            backend,
             intr.clone(),
             rx_limit,
             tx_limit,
@@ -232,6 +242,15 @@ fn with_tap(test: &'static str, body: impl FnOnce(&str) + Send + 'static) {
     });
 }
 
+fn tap_config(name: &str) -> NetConfig {
+    NetConfig {
+        backend: NetBackendConfig::Tap { name: name.into() },
+        mac: None,
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    }
+}
+
 fn header_num_buffers(h: &[u8]) -> u16 {
     u16::from_le_bytes([h[10], h[11]])
 }
@@ -241,9 +260,8 @@ fn the_device_offers_documented_features_and_config() {
     with_tap("the_device_offers_documented_features_and_config", |name| {
         let mac = [0x02, 0xcc, 0, 0, 0, 7];
         let dev = Net::new(NetConfig {
-            tap: name.into(),
             mac: Some(mac),
-            ..Default::default()
+            ..tap_config(name)
         })
         .unwrap();
         assert_eq!(dev.device_type(), crate::virtio::TYPE_NET);
@@ -268,19 +286,11 @@ fn the_device_offers_documented_features_and_config() {
         assert_eq!(u16::from_le_bytes([c[6], c[7]]), STATUS_LINK_UP);
         assert_eq!(&c[8..], &[0, 0], "nothing past the status");
         // The tap is held: a second device on it is refused, naming it.
-        let e = Net::new(NetConfig {
-            tap: name.into(),
-            ..Default::default()
-        })
-        .unwrap_err();
+        let e = Net::new(NetConfig { ..tap_config(name) }).unwrap_err();
         assert!(e.to_string().contains(name), "{e}");
         drop(dev);
         // Without a MAC address, no MAC feature.
-        let dev = Net::new(NetConfig {
-            tap: name.into(),
-            ..Default::default()
-        })
-        .unwrap();
+        let dev = Net::new(NetConfig { ..tap_config(name) }).unwrap();
         assert_eq!(dev.features() & (1 << features::MAC), 0);
         // Offloads follow the guest's features.
         assert_eq!(offloads_for(0), 0);
@@ -291,8 +301,7 @@ fn the_device_offers_documented_features_and_config() {
         );
     });
     let e = Net::new(NetConfig {
-        tap: "a-name-too-long-for-linux".into(),
-        ..Default::default()
+        ..tap_config("a-name-too-long-for-linux")
     })
     .unwrap_err();
     assert!(e.to_string().contains("a-name-too-long-for-linux"));
@@ -536,9 +545,8 @@ fn an_active_device_moves_frames_both_ways_on_its_thread() {
             let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
             let tx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
             let mut dev = Net::new(NetConfig {
-                tap: name.into(),
                 mac: Some([2, 0, 0, 0, 0, 9]),
-                ..Default::default()
+                ..tap_config(name)
             })
             .unwrap();
             let metrics = dev.metrics();
@@ -605,4 +613,561 @@ fn an_active_device_moves_frames_both_ways_on_its_thread() {
             dev.reset();
         },
     );
+}
+
+// The stream backend: a socketpair stands in for passt (the test writes and reads its end),
+// and one test talks to a real passt.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+const STREAM_WRITABLE_TOKEN: u32 = 5;
+
+/// A stream backend and the test's end of it ("passt"), nonblocking.
+fn stream_pair() -> (Backend, UnixStream) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    theirs.set_nonblocking(true).unwrap();
+    let backend = Backend::Stream(FrameStream::new(OwnedFd::from(ours)).unwrap());
+    (backend, theirs)
+}
+
+fn framed(frame: &[u8]) -> Vec<u8> {
+    let mut v = (frame.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(frame);
+    v
+}
+
+/// Polls `fd` for reading for up to `ms` milliseconds.
+fn readable_within(fd: i32, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes the one pollfd we own.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    r == 1
+}
+
+impl Rig {
+    fn source(&self, token: u32) -> Option<i32> {
+        self.worker
+            .sources()
+            .iter()
+            .find(|&&(_, t)| t == token)
+            .map(|&(fd, _)| fd)
+    }
+
+    fn try_handle(&mut self, token: u32) -> Result<(), String> {
+        self.worker.handle(token, &Sources::detached())
+    }
+}
+
+/// Reads whatever `peer` has now into `acc`; splits off the complete frames.
+fn drain_frames(peer: &mut UnixStream, acc: &mut Vec<u8>) -> Vec<Vec<u8>> {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match peer.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => acc.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    let mut out = Vec::new();
+    loop {
+        if acc.len() < 4 {
+            break;
+        }
+        let len = u32::from_be_bytes([acc[0], acc[1], acc[2], acc[3]]) as usize;
+        if acc.len() < 4 + len {
+            break;
+        }
+        out.push(acc[4..4 + len].to_vec());
+        acc.drain(..4 + len);
+    }
+    out
+}
+
+#[test]
+fn a_stream_device_offers_no_offloads() {
+    let (_, peer) = UnixStream::pair().unwrap();
+    let (ours, _keep) = UnixStream::pair().unwrap();
+    drop(peer);
+    let dev = Net::new(NetConfig {
+        backend: NetBackendConfig::Stream(OwnedFd::from(ours)),
+        mac: Some([2, 0, 0, 0, 0, 1]),
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    })
+    .unwrap();
+    let f = dev.features();
+    for bit in [
+        crate::virtio::VIRTIO_F_VERSION_1,
+        crate::virtio::VIRTIO_RING_F_EVENT_IDX,
+        features::MAC,
+        features::STATUS,
+        features::MRG_RXBUF,
+    ] {
+        assert!(f & (1 << bit) != 0, "feature {bit}");
+    }
+    for bit in [
+        features::CSUM,
+        features::GUEST_CSUM,
+        features::GUEST_TSO4,
+        features::GUEST_TSO6,
+        features::GUEST_ECN,
+        features::GUEST_UFO,
+        features::HOST_TSO4,
+        features::HOST_TSO6,
+        features::HOST_ECN,
+        features::HOST_UFO,
+    ] {
+        assert_eq!(
+            f & (1 << bit),
+            0,
+            "offload feature {bit} offered over a stream"
+        );
+    }
+    assert_eq!(dev.tap_name(), None);
+    assert!(format!("{dev:?}").contains("passt"));
+    // A descriptor that is not a stream socket is refused.
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let e = Net::new(NetConfig {
+        backend: NetBackendConfig::Stream(OwnedFd::from(file)),
+        mac: None,
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("not a stream socket"), "{e}");
+}
+
+#[test]
+fn stream_frames_cross_both_ways_byte_exact() {
+    let (backend, mut peer) = stream_pair();
+    let mut rig = Rig::over(backend, true, None, None);
+    // Receive: two frames in one write, one spanning two mergeable buffers.
+    let f1 = test_frame(1, 1500);
+    let f2 = test_frame(2, 60);
+    let mut msg = framed(&f1);
+    msg.extend(framed(&f2));
+    peer.write_all(&msg).unwrap();
+    let bufs: Vec<_> = (0..3).map(|_| rig.post_rx(1024)).collect();
+    rig.handle(TAP_TOKEN);
+    let used = rig.rx.take_used();
+    assert_eq!(
+        used,
+        vec![
+            (u32::from(bufs[0].0), 1024),
+            (u32::from(bufs[1].0), (12 + 1500 - 1024) as u32),
+            (u32::from(bufs[2].0), 12 + 60),
+        ]
+    );
+    let mut got1 = rig.bytes(bufs[0].1, 1024);
+    got1.extend(rig.bytes(bufs[1].1, 12 + 1500 - 1024));
+    assert_eq!(&got1[..10], &[0u8; 10], "a zeroed header");
+    assert_eq!(header_num_buffers(&got1), 2);
+    assert_eq!(&got1[12..], &f1[..]);
+    let got2 = rig.bytes(bufs[2].1, 72);
+    assert_eq!(&got2[..10], &[0u8; 10]);
+    assert_eq!(header_num_buffers(&got2), 1);
+    assert_eq!(&got2[12..], &f2[..]);
+    assert_eq!(rig.m(&rig.metrics.rx_frames), 2);
+    assert_eq!(rig.m(&rig.metrics.rx_bytes), 1560);
+    assert!(rig.worker.is_reading_tap());
+    // Transmit: the header goes, the length comes in front.
+    let t1 = test_frame(3, 1400);
+    let t2 = test_frame(4, 9000);
+    let h1 = rig.post_tx(&t1);
+    let h2 = rig.post_tx(&t2);
+    rig.handle(TX_TOKEN);
+    assert_eq!(
+        rig.tx.take_used(),
+        vec![(u32::from(h1), 0), (u32::from(h2), 0)]
+    );
+    let mut want = framed(&t1);
+    want.extend(framed(&t2));
+    let mut got = vec![0u8; want.len()];
+    peer.set_nonblocking(false).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(got, want);
+    peer.set_nonblocking(true).unwrap();
+    let mut rest = [0u8; 1];
+    assert!(peer.read(&mut rest).is_err(), "nothing more was sent");
+    assert_eq!(rig.m(&rig.metrics.tx_frames), 2);
+    assert_eq!(rig.m(&rig.metrics.tx_bytes), 10_400);
+    assert_eq!(rig.m(&rig.metrics.tx_dropped), 0);
+}
+
+#[test]
+fn a_frame_split_over_many_small_writes_is_put_back_together() {
+    let (backend, mut peer) = stream_pair();
+    let mut rig = Rig::over(backend, false, None, None);
+    let frame = test_frame(7, 700);
+    let (head, addr) = rig.post_rx(2048);
+    // Three bytes at a time, so the length prefix itself is split; the worker wakes for each.
+    let msg = framed(&frame);
+    for piece in msg.chunks(3) {
+        assert!(
+            rig.rx.take_used().is_empty(),
+            "no frame before its last byte"
+        );
+        peer.write_all(piece).unwrap();
+        rig.handle(TAP_TOKEN);
+    }
+    assert_eq!(rig.rx.take_used(), vec![(u32::from(head), 712)]);
+    assert_eq!(&rig.bytes(addr, 712)[12..], &frame[..]);
+    // Then one write with the end of a frame and the start of the next.
+    let a = test_frame(8, 100);
+    let b = test_frame(9, 200);
+    let mut msg = framed(&a);
+    msg.extend(framed(&b));
+    let (ha, aa) = rig.post_rx(2048);
+    let (hb, ab) = rig.post_rx(2048);
+    peer.write_all(&msg[..50]).unwrap();
+    rig.handle(TAP_TOKEN);
+    peer.write_all(&msg[50..150]).unwrap();
+    rig.handle(TAP_TOKEN);
+    assert_eq!(rig.rx.take_used(), vec![(u32::from(ha), 112)]);
+    peer.write_all(&msg[150..]).unwrap();
+    rig.handle(TAP_TOKEN);
+    assert_eq!(rig.rx.take_used(), vec![(u32::from(hb), 212)]);
+    assert_eq!(&rig.bytes(aa, 112)[12..], &a[..]);
+    assert_eq!(&rig.bytes(ab, 212)[12..], &b[..]);
+    assert_eq!(rig.m(&rig.metrics.rx_frames), 3);
+    assert_eq!(rig.m(&rig.metrics.rx_dropped), 0);
+}
+
+#[test]
+fn many_frames_in_one_write_all_arrive_across_batches() {
+    let (backend, mut peer) = stream_pair();
+    let mut rig = Rig::over(backend, false, None, None);
+    let frames: Vec<_> = (0..70u8)
+        .map(|i| test_frame(i, 60 + usize::from(i)))
+        .collect();
+    let msg: Vec<u8> = frames.iter().flat_map(|f| framed(f)).collect();
+    peer.write_all(&msg).unwrap();
+    let bufs: Vec<_> = (0..QSIZE).map(|_| rig.post_rx(256)).collect();
+    rig.handle(TAP_TOKEN);
+    let used = rig.rx.take_used();
+    assert_eq!(used.len(), RX_BATCH);
+    // The socket is empty but frames wait in the backend: the worker woke itself.
+    let rx_notify = rig.source(RX_TOKEN).unwrap();
+    assert!(readable_within(rx_notify, 0), "the rx eventfd was kicked");
+    let mut got: Vec<Vec<u8>> = used
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, len))| rig.bytes(bufs[i].1, len as usize)[12..].to_vec())
+        .collect();
+    let more: Vec<_> = (0..6).map(|_| rig.post_rx(256)).collect();
+    rig.handle(RX_TOKEN);
+    let used = rig.rx.take_used();
+    assert_eq!(used.len(), 6);
+    for (i, &(_, len)) in used.iter().enumerate() {
+        got.push(rig.bytes(more[i].1, len as usize)[12..].to_vec());
+    }
+    assert_eq!(got, frames);
+    assert_eq!(rig.m(&rig.metrics.rx_frames), 70);
+}
+
+#[test]
+fn a_full_stream_keeps_tx_frames_and_waits_for_writability() {
+    let (ours, mut peer) = UnixStream::pair().unwrap();
+    peer.set_nonblocking(true).unwrap();
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt reads the int we own.
+    let r = unsafe {
+        libc::setsockopt(
+            ours.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &small as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+    let backend = Backend::Stream(FrameStream::new(OwnedFd::from(ours)).unwrap());
+    let mut rig = Rig::over(backend, true, None, None);
+    // 20 chains of 3 descriptors fill 60 of the ring's 64.
+    let frames: Vec<_> = (0..20u8)
+        .map(|i| test_frame(i, 2000 + 700 * usize::from(i)))
+        .collect();
+    for f in &frames {
+        rig.post_tx(f);
+    }
+    rig.handle(TX_TOKEN);
+    let first = rig.tx.take_used().len();
+    assert!(first > 0 && first < 20, "{first} chains taken");
+    let writable = rig.source(STREAM_WRITABLE_TOKEN).unwrap();
+    // Full and nobody reading: nothing wakes the worker, and a guest kick takes no chain.
+    assert!(
+        !readable_within(writable, 100),
+        "woken while the socket is full"
+    );
+    rig.handle(TX_TOKEN);
+    assert!(rig.tx.take_used().is_empty());
+    assert_eq!(rig.m(&rig.metrics.tx_dropped), 0);
+    // "passt" reads; each writability event lets the worker go on.
+    let mut acc = Vec::new();
+    let mut got = Vec::new();
+    let mut taken = first;
+    let mut wakeups = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < frames.len() {
+        assert!(std::time::Instant::now() < deadline, "{} frames", got.len());
+        got.extend(drain_frames(&mut peer, &mut acc));
+        if readable_within(writable, 10) {
+            wakeups += 1;
+            rig.handle(STREAM_WRITABLE_TOKEN);
+            taken += rig.tx.take_used().len();
+        }
+    }
+    assert_eq!(taken, 20);
+    assert!(wakeups < 200, "{wakeups} wakeups");
+    assert!(got == frames, "every frame, whole and in order");
+    assert!(acc.is_empty());
+    assert!(
+        !readable_within(writable, 0),
+        "nothing left: no more wakeups"
+    );
+    assert_eq!(rig.m(&rig.metrics.tx_frames), 20);
+    assert_eq!(rig.m(&rig.metrics.tx_dropped), 0);
+}
+
+#[test]
+fn a_bad_frame_length_from_passt_fails_the_worker() {
+    for bad in [0u32, 65535 + 19, u32::MAX] {
+        let (backend, mut peer) = stream_pair();
+        let mut rig = Rig::over(backend, true, None, None);
+        rig.post_rx(2048);
+        peer.write_all(&bad.to_be_bytes()).unwrap();
+        let e = rig.try_handle(TAP_TOKEN).unwrap_err();
+        assert!(e.contains("passt") && e.contains("protocol error"), "{e}");
+        assert!(e.contains(&bad.to_string()), "{e}");
+    }
+    // The largest frame passes.
+    let (backend, mut peer) = stream_pair();
+    let mut rig = Rig::over(backend, true, None, None);
+    let big = test_frame(1, MAX_STREAM_FRAME);
+    for _ in 0..QSIZE {
+        rig.post_rx(4096);
+    }
+    let msg = framed(&big);
+    let writer = std::thread::spawn(move || {
+        peer.set_nonblocking(false).unwrap();
+        peer.write_all(&msg).unwrap();
+        peer
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while rig.m(&rig.metrics.rx_frames) == 0 {
+        assert!(std::time::Instant::now() < deadline);
+        rig.handle(TAP_TOKEN);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _peer = writer.join().unwrap();
+    assert_eq!(rig.m(&rig.metrics.rx_bytes), MAX_STREAM_FRAME as u64);
+}
+
+#[test]
+fn a_closed_stream_fails_the_worker_naming_passt() {
+    let (backend, peer) = stream_pair();
+    let mut rig = Rig::over(backend, true, None, None);
+    drop(peer);
+    let e = rig.try_handle(TAP_TOKEN).unwrap_err();
+    assert!(e.contains("passt closed its stream"), "{e}");
+    // Sending to it fails the same way.
+    let (backend, peer) = stream_pair();
+    let mut rig = Rig::over(backend, true, None, None);
+    drop(peer);
+    rig.post_tx(&test_frame(1, 100));
+    let e = rig.try_handle(TX_TOKEN).unwrap_err();
+    assert!(e.contains("passt closed its stream"), "{e}");
+}
+
+#[test]
+fn an_active_stream_device_moves_frames_then_breaks_when_passt_goes() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let (mut rxd, rxq) = Driver::new(&mem, 0);
+    let (mut txd, txq) = Driver::new(&mem, 0x4000);
+    let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
+    let tx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
+    let (ours, mut peer) = UnixStream::pair().unwrap();
+    let mut dev = Net::new(NetConfig {
+        backend: NetBackendConfig::Stream(OwnedFd::from(ours)),
+        mac: None,
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    })
+    .unwrap();
+    let metrics = dev.metrics();
+    let intr = Arc::new(CountingInterrupt::default());
+    let health = DeviceHealth::new();
+    dev.activate(crate::virtio::ActivateContext {
+        mem: mem.clone(),
+        queues: vec![
+            ActiveQueue {
+                index: 0,
+                queue: rxq,
+                notify: rx_notify.try_clone().unwrap(),
+            },
+            ActiveQueue {
+                index: 1,
+                queue: txq,
+                notify: tx_notify.try_clone().unwrap(),
+            },
+        ],
+        interrupt: intr.clone(),
+        acked_features: dev.features(),
+        health: health.clone(),
+    })
+    .unwrap();
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // Receive on the device thread (under its seccomp filter).
+    let buf = GuestAddress(0x10_0000);
+    rxd.add_chain(&[(buf, 4096, true)]);
+    rx_notify.write(1).unwrap();
+    let frame = test_frame(5, 3000);
+    peer.write_all(&framed(&frame)).unwrap();
+    wait("rx", &|| metrics.rx_frames.load(Ordering::Relaxed) >= 1);
+    assert_eq!(rxd.take_used(), vec![(0, 3012)]);
+    let mut got = vec![0u8; 3012];
+    mem.read_slice(&mut got, buf).unwrap();
+    assert_eq!(&got[12..], &frame[..]);
+    // Transmit.
+    let out = test_frame(6, 5000);
+    let tb = GuestAddress(0x20_0000);
+    mem.write_slice(&[0u8; 12], tb).unwrap();
+    mem.write_slice(&out, tb.unchecked_add(12)).unwrap();
+    txd.add_chain(&[(tb, 12 + out.len() as u32, false)]);
+    tx_notify.write(1).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = vec![0u8; 4 + out.len()];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(got, framed(&out));
+    wait("tx used", &|| {
+        metrics.tx_frames.load(Ordering::Relaxed) == 1
+    });
+    assert_eq!(txd.take_used(), vec![(0, 0)]);
+    assert!(!health.is_broken());
+    // passt goes away: the device needs a reset.
+    drop(peer);
+    wait("broken", &|| health.is_broken());
+    dev.reset();
+}
+
+/// A passt process on the other end of a socketpair, killed when dropped.
+struct PasstChild(std::process::Child);
+
+impl Drop for PasstChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The host's default gateway (IPv4), from /proc/net/route.
+fn default_gateway() -> Option<[u8; 4]> {
+    std::fs::read_to_string("/proc/net/route")
+        .ok()?
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1) == Some(&"00000000"))
+        .and_then(|f| u32::from_str_radix(f.get(2)?, 16).ok())
+        .map(u32::to_le_bytes)
+}
+
+fn find_passt() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("passt"))
+        .find(|p| p.is_file())
+}
+
+#[test]
+fn a_real_passt_answers_arp_through_the_device() {
+    use std::os::unix::process::CommandExt;
+    let test = "a_real_passt_answers_arp_through_the_device";
+    let Some(passt) = find_passt() else {
+        eprintln!("{test}: skipped: passt is not installed");
+        return;
+    };
+    let Some(gw) = default_gateway() else {
+        eprintln!("{test}: skipped: the host has no IPv4 default route");
+        return;
+    };
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let their_fd = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(&passt);
+    cmd.args(["--foreground", "--quiet", "--fd", &their_fd.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: between fork and exec the closure only calls fcntl on its own descriptor,
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(their_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let _child = PasstChild(cmd.spawn().unwrap());
+    drop(theirs);
+    let backend = Backend::Stream(FrameStream::new(OwnedFd::from(ours)).unwrap());
+    let mut rig = Rig::over(backend, true, None, None);
+    let mac = [2u8, 0, 0, 0, 0, 1];
+    let me = [10u8, 0, 2, 15];
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&mac);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&mac);
+    arp.extend_from_slice(&me);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&gw);
+    arp.resize(60, 0);
+    let mut bufs: Vec<_> = (0..8).map(|_| rig.post_rx(2048)).collect();
+    rig.post_tx(&arp);
+    rig.handle(TX_TOKEN);
+    assert_eq!(rig.tx.take_used().len(), 1);
+    assert_eq!(rig.m(&rig.metrics.tx_frames), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let reply = 'found: loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ARP reply from passt"
+        );
+        if let Some(fd) = rig.source(TAP_TOKEN) {
+            readable_within(fd, 100);
+        }
+        rig.handle(TAP_TOKEN);
+        for (head, len) in rig.rx.take_used() {
+            let i = bufs
+                .iter()
+                .position(|b| u32::from(b.0) == head)
+                .expect("a posted buffer");
+            let got = rig.bytes(bufs[i].1, len as usize);
+            bufs.remove(i);
+            bufs.push(rig.post_rx(2048));
+            let f = &got[12..];
+            if f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
+                break 'found f.to_vec();
+            }
+        }
+    };
+    assert_eq!(&reply[0..6], &mac, "addressed to the guest");
+    assert_eq!(&reply[28..32], &gw, "the gateway answers");
+    assert_eq!(&reply[32..38], &mac);
+    assert_eq!(&reply[38..42], &me);
+    assert!(rig.m(&rig.metrics.rx_frames) >= 1);
 }

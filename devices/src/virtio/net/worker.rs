@@ -1,14 +1,22 @@
 //! The virtio-net device thread.
 //!
-//! Receive: a frame is read from the tap (header included) into a host buffer, then copied
-//! into as many receive chains as it needs (one without MRG_RXBUF), with `num_buffers` set
-//! in its header. A frame is never read while the previous one waits: when the guest has
-//! posted too little room, or the receive limiter holds it back, the frame stays pending and
-//! the tap leaves the epoll set; the receive queue's notification (or the limiter's timer)
-//! brings it back. So the thread never spins and never drops a frame it has room for.
+//! Receive: a frame is read from the backend (from a tap with its header; from a stream to
+//! passt behind a zeroed header) into a host buffer, then copied into as many receive chains
+//! as it needs (one without MRG_RXBUF), with `num_buffers` set in its header. A frame is
+//! never read while the previous one waits: when the guest has posted too little room, or
+//! the receive limiter holds it back, the frame stays pending and the backend leaves the
+//! epoll set; the receive queue's notification (or the limiter's timer) brings it back. So
+//! the thread never spins and never drops a frame it has room for.
 //!
 //! Transmit: each chain (header and frame, device-readable, at most [`MAX_TX_FRAME`] bytes)
-//! is gathered into a host buffer and written to the tap in one write.
+//! is gathered into a host buffer and written to the tap in one write, or, header stripped,
+//! to the stream behind its length. When the stream's socket is full, what it did not take
+//! is kept, no further chain is taken, and the thread waits for the socket to be writable
+//! (through [`FrameStream::writable_fd`](super::FrameStream::writable_fd)) with the transmit
+//! queue's notifications off: nothing is dropped and nothing spins.
+//!
+//! A failing stream (passt gone, a frame length out of range) fails the worker: the framing
+//! cannot be recovered.
 //!
 //! A malformed chain costs only its own frame: it goes back to the guest with a used length
 //! of 0 and is counted; the thread goes on.
@@ -20,8 +28,9 @@ use std::sync::Arc;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::tap::{Tap, VNET_HDR_LEN};
-use super::NetMetrics;
+use super::stream::MAX_STREAM_FRAME;
+use super::tap::VNET_HDR_LEN;
+use super::{Backend, NetMetrics};
 use crate::rate_limiter::{RateLimiter, TokenType};
 use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
@@ -40,6 +49,98 @@ const TX_QUEUE_TOKEN: u32 = 1;
 const TAP_TOKEN: u32 = 2;
 const RX_LIMITER_TOKEN: u32 = 3;
 const TX_LIMITER_TOKEN: u32 = 4;
+const STREAM_WRITABLE_TOKEN: u32 = 5;
+
+/// What the worker needs beyond the base list, for the limiters' timerfds and, over a
+/// stream, its recv and sendmsg.
+const SYSCALLS: &[i64] = &[
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+];
+
+/// What one read from the backend gave.
+enum Read {
+    /// A frame of this length (header included) is in the buffer.
+    Frame(usize),
+    /// Nothing to read now.
+    Empty,
+    /// A frame was lost (a tap read error about that frame alone).
+    Dropped,
+}
+
+impl Backend {
+    /// Reads one frame, with its virtio-net header, into `buf`.
+    fn read_into(&self, buf: &mut [u8]) -> Result<Read, String> {
+        match self {
+            Backend::Tap(tap) => match tap.read_frame(buf) {
+                Ok(Some(n)) => Ok(Read::Frame(n)),
+                Ok(None) => Ok(Read::Empty),
+                Err(e) => match e.raw_os_error() {
+                    // The frame did not fit or was malformed; it is gone.
+                    Some(libc::EFAULT) | Some(libc::EINVAL) | Some(libc::EMSGSIZE) => {
+                        Ok(Read::Dropped)
+                    }
+                    _ => Err(format!("tap {}: read: {e}", tap.name())),
+                },
+            },
+            Backend::Stream(s) => match s.read_frame(buf) {
+                Ok(Some(n)) => Ok(Read::Frame(n)),
+                Ok(None) => Ok(Read::Empty),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+
+    /// Whether frames wait inside the backend, where epoll cannot see them.
+    fn has_buffered_frame(&self) -> bool {
+        match self {
+            Backend::Tap(_) => false,
+            Backend::Stream(s) => s.has_buffered_frame(),
+        }
+    }
+
+    /// Sends what the backend kept from earlier; true when it takes new frames.
+    fn flush(&self) -> Result<bool, String> {
+        match self {
+            Backend::Tap(_) => Ok(true),
+            Backend::Stream(s) => s.flush().map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Whether the backend holds bytes its socket did not take yet.
+    fn is_blocked(&self) -> bool {
+        match self {
+            Backend::Tap(_) => false,
+            Backend::Stream(s) => s.is_blocked(),
+        }
+    }
+
+    /// Sends one frame, `buf` being its virtio-net header and the Ethernet frame. `Ok(false)`
+    /// when the frame was lost (a tap write error); `Err` when the backend failed for good.
+    fn write_from(&self, buf: &[u8]) -> Result<bool, String> {
+        match self {
+            Backend::Tap(tap) => match tap.write_frame(buf) {
+                Ok(_) => Ok(true),
+                Err(e) => {
+                    log::debug!("virtio-net: tap {}: write: {e}", tap.name());
+                    Ok(false)
+                }
+            },
+            Backend::Stream(s) => {
+                let frame = &buf[VNET_HDR_LEN..];
+                if frame.is_empty() || frame.len() > MAX_STREAM_FRAME {
+                    log::debug!("virtio-net: {}-byte frame not sent to passt", frame.len());
+                    return Ok(false);
+                }
+                s.send_frame(frame)
+                    .map(|()| true)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
 
 /// A receive chain checked for use: its head and its device-writable pieces.
 struct RxChain {
@@ -64,7 +165,7 @@ pub struct NetWorker {
     mem: GuestMemoryMmap,
     rx: ActiveQueue,
     tx: ActiveQueue,
-    tap: Arc<Tap>,
+    backend: Arc<Backend>,
     interrupt: Arc<dyn VirtioInterrupt>,
     rx_limiter: Option<RateLimiter>,
     tx_limiter: Option<RateLimiter>,
@@ -73,20 +174,20 @@ pub struct NetWorker {
     rx_buf: Vec<u8>,
     /// The length of the frame in `rx_buf` that waits for the guest.
     pending: Option<usize>,
-    /// Whether the tap is in the epoll set.
+    /// Whether the backend is in the epoll set (for reading).
     reading_tap: bool,
     tx_buf: Vec<u8>,
 }
 
 impl NetWorker {
-    /// A worker for the receive and transmit queues over `tap`; `mergeable` is whether the
-    /// driver accepted MRG_RXBUF.
+    /// A worker for the receive and transmit queues over `backend`; `mergeable` is whether
+    /// the driver accepted MRG_RXBUF.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         mem: GuestMemoryMmap,
         rx: ActiveQueue,
         tx: ActiveQueue,
-        tap: Arc<Tap>,
+        backend: Arc<Backend>,
         interrupt: Arc<dyn VirtioInterrupt>,
         rx_limiter: Option<RateLimiter>,
         tx_limiter: Option<RateLimiter>,
@@ -97,7 +198,7 @@ impl NetWorker {
             mem,
             rx,
             tx,
-            tap,
+            backend,
             interrupt,
             rx_limiter,
             tx_limiter,
@@ -110,12 +211,13 @@ impl NetWorker {
         }
     }
 
-    /// Whether the worker waits on the tap (false while a frame waits for the guest).
+    /// Whether the worker waits on the backend for frames (false while a frame waits for
+    /// the guest).
     pub fn is_reading_tap(&self) -> bool {
         self.reading_tap
     }
 
-    /// Whether a frame read from the tap waits for room in the guest.
+    /// Whether a frame read from the backend waits for room in the guest.
     pub fn has_pending_frame(&self) -> bool {
         self.pending.is_some()
     }
@@ -134,7 +236,7 @@ impl NetWorker {
         Ok(())
     }
 
-    /// Moves frames from the tap to the guest until the tap is empty, the guest has no room,
+    /// Moves frames from the backend to the guest until it is empty, the guest has no room,
     /// the limiter says wait, or [`RX_BATCH`] frames were read.
     fn process_rx(&mut self, sources: &Sources<'_>) -> Result<(), String> {
         let mut used_any = false;
@@ -144,24 +246,27 @@ impl NetWorker {
                 Some(len) => len,
                 None => {
                     if read == RX_BATCH {
+                        if self.backend.has_buffered_frame() {
+                            // Frames epoll cannot see: come back after the other events.
+                            self.rx
+                                .notify
+                                .write(1)
+                                .map_err(|e| format!("rx queue eventfd: {e}"))?;
+                        }
                         break true;
                     }
-                    match self.tap.read_frame(&mut self.rx_buf) {
-                        Ok(Some(n)) => {
+                    match self.backend.read_into(&mut self.rx_buf)? {
+                        Read::Frame(n) => {
                             read += 1;
                             self.pending = Some(n);
                             n
                         }
-                        Ok(None) => break true,
-                        Err(e) => match e.raw_os_error() {
-                            // The frame did not fit or was malformed; it is gone.
-                            Some(libc::EFAULT) | Some(libc::EINVAL) | Some(libc::EMSGSIZE) => {
-                                read += 1;
-                                count(&self.metrics.rx_dropped, 1);
-                                continue;
-                            }
-                            _ => return Err(format!("tap {}: read: {e}", self.tap.name())),
-                        },
+                        Read::Empty => break true,
+                        Read::Dropped => {
+                            read += 1;
+                            count(&self.metrics.rx_dropped, 1);
+                            continue;
+                        }
                     }
                 }
             };
@@ -176,13 +281,13 @@ impl NetWorker {
             }
         };
         if want_tap != self.reading_tap {
-            let fd = self.tap.as_raw_fd();
+            let fd = self.backend.as_raw_fd();
             let r = if want_tap {
                 sources.add(fd, TAP_TOKEN)
             } else {
                 sources.remove(fd)
             };
-            r.map_err(|e| format!("tap {}: epoll: {e}", self.tap.name()))?;
+            r.map_err(|e| format!("{}: epoll: {e}", self.backend.describe()))?;
             self.reading_tap = want_tap;
         }
         if used_any {
@@ -336,7 +441,8 @@ impl NetWorker {
         }
     }
 
-    /// Sends the guest's transmit chains until the ring is empty or the limiter says wait.
+    /// Sends the guest's transmit chains until the ring is empty, the limiter says wait, or
+    /// the backend takes no more (a full stream).
     fn process_tx(&mut self) -> Result<(), String> {
         let mut used_any = false;
         'ring: loop {
@@ -344,6 +450,10 @@ impl NetWorker {
                 .queue
                 .disable_notification(&self.mem)
                 .map_err(|e| format!("tx queue: {e}"))?;
+            if !self.backend.flush()? {
+                // Full: chains stay on the ring, notifications off; writability resumes us.
+                break 'ring;
+            }
             while let Some(chain) = self.tx.queue.pop_descriptor_chain(&self.mem) {
                 let head = chain.head_index();
                 if let Some(l) = self.tx_limiter.as_mut() {
@@ -397,22 +507,24 @@ impl NetWorker {
                         count(&self.metrics.tx_errors, 1);
                         count(&self.metrics.tx_dropped, 1);
                     }
-                    None => match self.tap.write_frame(&self.tx_buf[..total]) {
-                        Ok(_) => {
+                    None => {
+                        if self.backend.write_from(&self.tx_buf[..total])? {
                             count(&self.metrics.tx_frames, 1);
                             count(&self.metrics.tx_bytes, (total - VNET_HDR_LEN) as u64);
-                        }
-                        Err(e) => {
-                            log::debug!("virtio-net: tap {}: write: {e}", self.tap.name());
+                        } else {
                             count(&self.metrics.tx_dropped, 1);
                         }
-                    },
+                    }
                 }
                 self.tx
                     .queue
                     .add_used(&self.mem, head, 0)
                     .map_err(|e| format!("tx used ring: {e}"))?;
                 used_any = true;
+                if self.backend.is_blocked() {
+                    // The frame is kept, the socket is full: wait until it is writable.
+                    break 'ring;
+                }
             }
             if !self
                 .tx
@@ -441,7 +553,10 @@ impl DeviceWorker for NetWorker {
             (self.tx.notify.as_raw_fd(), TX_QUEUE_TOKEN),
         ];
         if self.reading_tap {
-            s.push((self.tap.as_raw_fd(), TAP_TOKEN));
+            s.push((self.backend.as_raw_fd(), TAP_TOKEN));
+        }
+        if let Backend::Stream(stream) = &*self.backend {
+            s.push((stream.writable_fd(), STREAM_WRITABLE_TOKEN));
         }
         if let Some(l) = &self.rx_limiter {
             s.push((l.as_raw_fd(), RX_LIMITER_TOKEN));
@@ -453,7 +568,7 @@ impl DeviceWorker for NetWorker {
     }
 
     fn syscalls(&self) -> &'static [i64] {
-        &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime]
+        SYSCALLS
     }
 
     fn handle(&mut self, token: u32, sources: &Sources<'_>) -> Result<(), String> {
@@ -467,6 +582,7 @@ impl DeviceWorker for NetWorker {
                 self.process_tx()
             }
             TAP_TOKEN => self.process_rx(sources),
+            STREAM_WRITABLE_TOKEN => self.process_tx(),
             RX_LIMITER_TOKEN => {
                 if let Some(l) = &mut self.rx_limiter {
                     if let Err(e) = l.event_handler() {
