@@ -411,8 +411,8 @@ fn invoked_as_firecracker_it_is_a_drop_in() {
 
 #[test]
 fn metrics_are_written_every_minute_without_being_asked() {
-    // Firecracker's period is 60 s; this test waits it out (it runs beside the slower Linux
-    // boot test, so the suite takes no longer).
+    // Firecracker's period is 60 s; this test waits it out (beside the other tests of this
+    // file, which run in parallel with it).
     let d = scratch("api-metrics-period");
     let metrics = d.join("metrics.json");
     let s = Served::serve(&d, &["--metrics-path", metrics.to_str().expect("utf-8")]);
