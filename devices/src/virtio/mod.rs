@@ -8,6 +8,8 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+#[cfg(test)]
+pub(crate) mod test_driver;
 pub mod vsock;
 pub mod worker;
 

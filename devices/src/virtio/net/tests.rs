@@ -6,18 +6,17 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::tap::testing::{can_create_taps, create_tap, in_new_netns, test_frame, PacketSocket};
 use super::*;
 use crate::rate_limiter::TokenBucket;
+use crate::virtio::test_driver::RingDriver;
 use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, DeviceHealth, InterruptReason, VirtioInterrupt};
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 const MEM_SIZE: u64 = 16 << 20;
 const QSIZE: u16 = 64;
 const RX_TOKEN: u32 = 0;
@@ -38,89 +37,16 @@ impl VirtioInterrupt for CountingInterrupt {
     }
 }
 
-/// The driver side of one queue whose descriptor table, available and used rings start at
-/// `base`, `base + 0x1000` and `base + 0x2000`; buffers come from a heap shared by both
-/// queues (`heap` is the next free address).
-struct Driver {
-    mem: GuestMemoryMmap,
-    base: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-/// One descriptor: address, length, device-writable.
-type Desc = (GuestAddress, u32, bool);
-
-impl Driver {
-    fn new(mem: &GuestMemoryMmap, base: u64) -> (Self, Queue) {
-        mem.write_slice(&[0u8; 0x3000], GuestAddress(base)).unwrap();
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(base as u32), Some(0));
-        q.set_avail_ring_address(Some(base as u32 + 0x1000), Some(0));
-        q.set_used_ring_address(Some(base as u32 + 0x2000), Some(0));
-        q.set_ready(true);
-        assert!(q.is_valid(mem));
-        let d = Driver {
-            mem: mem.clone(),
-            base,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
-        };
-        (d, q)
-    }
-
-    fn add_chain(&mut self, descs: &[Desc]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, w)) in descs.iter().enumerate() {
-            let idx = (head + i as u16) % QSIZE;
-            let last = i + 1 == descs.len();
-            let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-            let mut b = [0u8; 16];
-            b[0..8].copy_from_slice(&addr.0.to_le_bytes());
-            b[8..12].copy_from_slice(&len.to_le_bytes());
-            b[12..14].copy_from_slice(&flags.to_le_bytes());
-            b[14..16].copy_from_slice(&((idx + 1) % QSIZE).to_le_bytes());
-            self.mem
-                .write_slice(&b, GuestAddress(self.base + u64::from(idx) * 16))
-                .unwrap();
-        }
-        self.next_desc = (head + descs.len() as u16) % QSIZE;
-        let slot = self.avail_idx % QSIZE;
-        self.mem
-            .write_obj(head, GuestAddress(self.base + 0x1004 + 2 * u64::from(slot)))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(self.base + 0x1002))
-            .unwrap();
-        head
-    }
-
-    /// The used entries added since the last call: (id, len).
-    fn take_used(&mut self) -> Vec<(u32, u32)> {
-        let used = GuestAddress(self.base + 0x2000);
-        let idx: u16 = self.mem.read_obj(used.unchecked_add(2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let e = used.unchecked_add(4 + 8 * u64::from(self.used_seen % QSIZE));
-            out.push((
-                self.mem.read_obj(e).unwrap(),
-                self.mem.read_obj(e.unchecked_add(4)).unwrap(),
-            ));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
+/// The driver side of each queue: rings at `base`, `base + 0x1000` and `base + 0x2000`.
+fn driver(mem: &GuestMemoryMmap, base: u64) -> (RingDriver, Queue) {
+    RingDriver::new(mem, base, QSIZE)
 }
 
 /// A worker over the tap `name` with its two drivers, and where the buffers go.
 struct Rig {
     mem: GuestMemoryMmap,
-    rx: Driver,
-    tx: Driver,
+    rx: RingDriver,
+    tx: RingDriver,
     worker: NetWorker,
     metrics: Arc<NetMetrics>,
     intr: Arc<CountingInterrupt>,
@@ -145,8 +71,8 @@ impl Rig {
         tx_limit: Option<RateLimiter>,
     ) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-        let (rx, rxq) = Driver::new(&mem, 0);
-        let (tx, txq) = Driver::new(&mem, 0x4000);
+        let (rx, rxq) = driver(&mem, 0);
+        let (tx, txq) = driver(&mem, 0x4000);
         let backend = Arc::new(backend);
         let metrics = Arc::new(NetMetrics::default());
         let intr = Arc::new(CountingInterrupt::default());
@@ -540,8 +466,8 @@ fn an_active_device_moves_frames_both_ways_on_its_thread() {
         |name| {
             let mem =
                 GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-            let (mut rxd, rxq) = Driver::new(&mem, 0);
-            let (mut txd, txq) = Driver::new(&mem, 0x4000);
+            let (mut rxd, rxq) = driver(&mem, 0);
+            let (mut txd, txq) = driver(&mem, 0x4000);
             let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
             let tx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
             let mut dev = Net::new(NetConfig {
@@ -990,8 +916,8 @@ fn a_closed_stream_fails_the_worker_naming_passt() {
 #[test]
 fn an_active_stream_device_moves_frames_then_breaks_when_passt_goes() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-    let (mut rxd, rxq) = Driver::new(&mem, 0);
-    let (mut txd, txq) = Driver::new(&mem, 0x4000);
+    let (mut rxd, rxq) = driver(&mem, 0);
+    let (mut txd, txq) = driver(&mem, 0x4000);
     let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
     let tx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
     let (ours, mut peer) = UnixStream::pair().unwrap();

@@ -1,7 +1,10 @@
 //! A test driver: lays out a split queue in guest memory and posts descriptor chains.
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub use crate::virtio::test_driver::Desc;
+use crate::virtio::test_driver::RingDriver;
 
 /// The guest's CID in tests.
 pub const GUEST_CID: u64 = 3;
@@ -9,17 +12,11 @@ pub const GUEST_CID: u64 = 3;
 pub const SIZE: u16 = 64;
 const MEM_SIZE: u64 = 16 << 20;
 
-/// One descriptor: address, length, device-writable.
-pub type Desc = (GuestAddress, u32, bool);
-
 /// The driver side of one queue, and the device's view of it (`queue`).
 pub struct Driver {
     pub mem: GuestMemoryMmap,
     pub queue: Queue,
-    base: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
+    ring: RingDriver,
     heap: u64,
     heap_end: u64,
 }
@@ -34,24 +31,13 @@ impl Driver {
     /// Driver number `n` (0..4) in `mem`: its rings at `n * 0x4000`, its buffers in its own
     /// quarter of the rest.
     pub fn with(mem: &GuestMemoryMmap, n: u64) -> Self {
-        let base = n * 0x4000;
-        mem.write_slice(&[0u8; 0x4000], GuestAddress(base)).unwrap();
-        let mut q = Queue::new(SIZE).unwrap();
-        q.set_size(SIZE);
-        q.set_desc_table_address(Some(base as u32), Some(0));
-        q.set_avail_ring_address(Some((base + 0x1000) as u32), Some(0));
-        q.set_used_ring_address(Some((base + 0x2000) as u32), Some(0));
-        q.set_ready(true);
-        assert!(q.is_valid(mem));
+        let (ring, queue) = RingDriver::new(mem, n * 0x4000, SIZE);
         let quarter = (MEM_SIZE - 0x10_0000) / 4;
         let heap = 0x10_0000 + n * quarter;
         Driver {
             mem: mem.clone(),
-            queue: q,
-            base,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
+            queue,
+            ring,
             heap,
             heap_end: heap + quarter,
         }
@@ -81,44 +67,11 @@ impl Driver {
 
     /// Posts a chain of `descs`, linked in order; returns its head.
     pub fn add_chain(&mut self, descs: &[Desc]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, w)) in descs.iter().enumerate() {
-            let idx = (head + i as u16) % SIZE;
-            let last = i + 1 == descs.len();
-            let flags: u16 = if w { 2 } else { 0 } | if last { 0 } else { 1 };
-            let mut b = [0u8; 16];
-            b[0..8].copy_from_slice(&addr.0.to_le_bytes());
-            b[8..12].copy_from_slice(&len.to_le_bytes());
-            b[12..14].copy_from_slice(&flags.to_le_bytes());
-            b[14..16].copy_from_slice(&((idx + 1) % SIZE).to_le_bytes());
-            self.mem
-                .write_slice(&b, GuestAddress(self.base + u64::from(idx) * 16))
-                .unwrap();
-        }
-        self.next_desc = (head + descs.len() as u16) % SIZE;
-        let slot = self.avail_idx % SIZE;
-        self.mem
-            .write_obj(head, GuestAddress(self.base + 0x1004 + 2 * u64::from(slot)))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(self.base + 0x1002))
-            .unwrap();
-        head
+        self.ring.add_chain(descs)
     }
 
     /// The used entries added since the last call: (id, len).
     pub fn take_used(&mut self) -> Vec<(u32, u32)> {
-        let used = GuestAddress(self.base + 0x2000);
-        let idx: u16 = self.mem.read_obj(used.unchecked_add(2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let e = used.unchecked_add(4 + 8 * u64::from(self.used_seen % SIZE));
-            let id: u32 = self.mem.read_obj(e).unwrap();
-            let len: u32 = self.mem.read_obj(e.unchecked_add(4)).unwrap();
-            out.push((id, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
+        self.ring.take_used()
     }
 }
