@@ -192,7 +192,9 @@ pub fn classify_arp(frame: &[u8], mac: Mac, ip: Ip, peer: Ip) -> Verdict {
     };
     if be16(a, 0) != 1 || be16(a, 2) != ETHERTYPE_IPV4 || a[4] != 6 || a[5] != 4 {
         return if to_us {
-            Verdict::Malformed("ARP frame to our MAC is not Ethernet/IPv4 (hardware/protocol type or sizes)")
+            Verdict::Malformed(
+                "ARP frame to our MAC is not Ethernet/IPv4 (hardware/protocol type or sizes)",
+            )
         } else {
             Verdict::Unrelated
         };

@@ -207,7 +207,9 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Problem::Virtio(step, e) => write!(f, "{step}: {e}"),
-            Problem::BadCid(cid) => write!(f, "configured guest CID {cid} is reserved or too large"),
+            Problem::BadCid(cid) => {
+                write!(f, "configured guest CID {cid} is reserved or too large")
+            }
             Problem::RxUsed { id, len, payload } => write!(
                 f,
                 "receive queue: used element id {id} len {len} (header len {payload}) does not \
@@ -371,9 +373,12 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
             return Err(Problem::BadCid(cid));
         }
         let ring = |limit| virtio::queue_memory(pool, limit).ok_or(no_dma);
-        let rx = virtio::setup_queue(t, 0, QUEUE_LIMIT, ring(QUEUE_LIMIT)?).map_err(v("queue 0"))?;
-        let tx = virtio::setup_queue(t, 1, QUEUE_LIMIT, ring(QUEUE_LIMIT)?).map_err(v("queue 1"))?;
-        let ev = virtio::setup_queue(t, 2, EVENT_LIMIT, ring(EVENT_LIMIT)?).map_err(v("queue 2"))?;
+        let rx =
+            virtio::setup_queue(t, 0, QUEUE_LIMIT, ring(QUEUE_LIMIT)?).map_err(v("queue 0"))?;
+        let tx =
+            virtio::setup_queue(t, 1, QUEUE_LIMIT, ring(QUEUE_LIMIT)?).map_err(v("queue 1"))?;
+        let ev =
+            virtio::setup_queue(t, 2, EVENT_LIMIT, ring(EVENT_LIMIT)?).map_err(v("queue 2"))?;
         virtio::driver_ok(t).map_err(v("init"))?;
         let mut d = Self {
             t,
@@ -552,8 +557,12 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
             .map_err(|e| Problem::Virtio("receive queue", e))?
         {
             let k = (used.id / 2) as usize;
-            let bufs = (used.id % 2 == 0)
-                .then(|| (self.rx_hdr.get(k).copied().flatten(), self.rx_data.get(k).copied().flatten()));
+            let bufs = (used.id % 2 == 0).then(|| {
+                (
+                    self.rx_hdr.get(k).copied().flatten(),
+                    self.rx_data.get(k).copied().flatten(),
+                )
+            });
             let Some((Some(h), Some(d))) = bufs else {
                 return Err(Problem::RxUsed {
                     id: used.id,
@@ -565,8 +574,7 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
             h.read_bytes(0, &mut raw);
             let hdr = Header::decode(&raw).unwrap_or_default();
             let n = hdr.len as usize;
-            if (used.len as usize) < HDR_LEN || n > DATA_LEN || (used.len as usize) < HDR_LEN + n
-            {
+            if (used.len as usize) < HDR_LEN || n > DATA_LEN || (used.len as usize) < HDR_LEN + n {
                 return Err(Problem::RxUsed {
                     id: used.id,
                     len: used.len,
@@ -849,7 +857,9 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
             if conn.state != State::Established || conn.peer_shutdown & SHUTDOWN_RCV != 0 {
                 return Err(Problem::ClientSend { port });
             }
-            let n = (conn.peer_credit() as usize).min(line.len() - sent).min(DATA_LEN);
+            let n = (conn.peer_credit() as usize)
+                .min(line.len() - sent)
+                .min(DATA_LEN);
             if n > 0 {
                 let h = self.conn_header(c, OP_RW, 0);
                 self.send(h, &line[sent..sent + n])?;

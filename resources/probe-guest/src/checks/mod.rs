@@ -10,10 +10,10 @@ use core::fmt::{self, Write};
 
 use crate::bootparams::{BootParams, CmdlineError};
 use crate::cmdline::Args;
-use crate::discovery::{self, DeviceList, Listed};
+use crate::discovery::{self, Device, DeviceList, Listed};
 use crate::phys::PhysMem;
 use crate::text::Line;
-use crate::virtio::Mmio;
+use crate::virtio::{self, DmaPool, Failure, Mmio, VirtioError};
 
 pub mod blk;
 pub mod blkbench;
@@ -150,6 +150,50 @@ pub fn virtio_devices(
         return None;
     }
     Some(found)
+}
+
+/// Reports that `step` failed with `error` on the device named `label`.
+pub fn fail_step(report: &mut Report, label: &dyn fmt::Display, step: &str, error: VirtioError) {
+    report.fail(format_args!(
+        "{}",
+        Failure {
+            device: &label,
+            step,
+            error
+        }
+    ));
+}
+
+/// Runs `exercise` on the virtio-mmio device `d` with the DMA pool, then resets the device.
+/// A window that cannot be mapped, no DMA pool, or a failed reset is reported under `label`;
+/// after a failed reset the pool is never reused, since the device may still write to it.
+/// `None` when `exercise` could not run.
+pub fn with_device<T>(
+    d: &Device,
+    label: &dyn fmt::Display,
+    report: &mut Report,
+    exercise: impl FnOnce(&Mmio, &DmaPool) -> T,
+) -> Option<T> {
+    let mmio = match Mmio::new(d.base, d.size) {
+        Ok(m) => m,
+        Err(e) => {
+            fail_step(report, label, "window", e);
+            return None;
+        }
+    };
+    let Some(pool) = DmaPool::take() else {
+        fail_step(report, label, "setup", VirtioError::NoDma);
+        return None;
+    };
+    let result = exercise(&mmio, &pool);
+    match virtio::reset(&mmio) {
+        Ok(()) => drop(pool),
+        Err(e) => {
+            fail_step(report, label, "reset", e);
+            pool.keep_forever();
+        }
+    }
+    Some(result)
 }
 
 /// The check called `name`.

@@ -26,7 +26,7 @@ use crate::checks::{self, Context, Report};
 use crate::net::{self, Answer, Ip, Mac, Verdict};
 use crate::tsc::{self, Deadline};
 use crate::virtio::{
-    self, DmaBuf, DmaPool, Failure, Mmio, SplitQueue, Transport, VirtioError, DEVICE_ID_NET,
+    self, DmaBuf, DmaPool, SplitQueue, Transport, VirtioError, DEVICE_ID_NET,
     STATUS_DEVICE_NEEDS_RESET,
 };
 
@@ -106,34 +106,14 @@ pub fn run(ctx: &Context<'_>, report: &mut Report) {
         return;
     };
     let label = Label(d.base);
-    let fail = |report: &mut Report, step, error| {
-        report.fail(format_args!(
-            "{}",
-            Failure {
-                device: &label,
-                step,
-                error
-            }
-        ))
+    let Some(result) =
+        checks::with_device(d, &label, report, |mmio, pool| exchange(mmio, pool, mode))
+    else {
+        return;
     };
-    let mmio = match Mmio::new(d.base, d.size) {
-        Ok(m) => m,
-        Err(e) => return fail(report, "window", e),
-    };
-    let Some(pool) = DmaPool::take() else {
-        return fail(report, "setup", VirtioError::NoDma);
-    };
-    let result = exchange(&mmio, &pool, mode);
-    match virtio::reset(&mmio) {
-        Ok(()) => drop(pool),
-        Err(e) => {
-            fail(report, "reset", e);
-            pool.keep_forever();
-        }
-    }
     match result {
         Ok((mac, answer)) => report.detail(format_args!("mac {mac}, {answer}")),
-        Err(Problem::Virtio(step, e)) => fail(report, step, e),
+        Err(Problem::Virtio(step, e)) => checks::fail_step(report, &label, step, e),
         Err(p) => report.fail(format_args!("{label}: {p}")),
     }
 }

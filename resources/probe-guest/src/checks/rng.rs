@@ -10,7 +10,7 @@ use core::fmt;
 
 use crate::checks::{self, Context, Report};
 use crate::discovery::Device;
-use crate::virtio::{self, DmaPool, Failure, Mmio, VirtioError, DEVICE_ID_ENTROPY};
+use crate::virtio::{self, DmaPool, Mmio, VirtioError, DEVICE_ID_ENTROPY};
 
 /// Bytes asked for.
 const REQUEST_LEN: usize = 64;
@@ -51,57 +51,15 @@ enum Problem {
 /// Drives one device through a request, then resets it.
 fn check_device(d: &Device, report: &mut Report) {
     let label = Label(d.base);
-    let mmio = match Mmio::new(d.base, d.size) {
-        Ok(m) => m,
-        Err(error) => {
-            return report.fail(format_args!(
-                "{}",
-                Failure {
-                    device: &label,
-                    step: "window",
-                    error
-                }
-            ))
-        }
+    let Some(result) = checks::with_device(d, &label, report, request) else {
+        return;
     };
-    let Some(pool) = DmaPool::take() else {
-        return report.fail(format_args!(
-            "{}",
-            Failure {
-                device: &label,
-                step: "setup",
-                error: VirtioError::NoDma
-            }
-        ));
-    };
-    let result = request(&mmio, &pool);
-    match virtio::reset(&mmio) {
-        Ok(()) => drop(pool),
-        Err(error) => {
-            report.fail(format_args!(
-                "{}",
-                Failure {
-                    device: &label,
-                    step: "reset",
-                    error
-                }
-            ));
-            pool.keep_forever();
-        }
-    }
     match result {
         Ok(len) => report.detail(format_args!(
             "device at 0x{:x} {}, {len} bytes",
             d.base, d.irqs
         )),
-        Err(Problem::Virtio(step, error)) => report.fail(format_args!(
-            "{}",
-            Failure {
-                device: &label,
-                step,
-                error
-            }
-        )),
+        Err(Problem::Virtio(step, error)) => checks::fail_step(report, &label, step, error),
         Err(Problem::Len(len)) => report.fail(format_args!(
             "{label}: used length {len} for a {REQUEST_LEN}-byte buffer (expected 1..={REQUEST_LEN})"
         )),

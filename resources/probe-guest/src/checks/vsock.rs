@@ -20,7 +20,7 @@ use core::fmt;
 use crate::checks::{self, Context, Report};
 use crate::cmdline::Setting;
 use crate::text::Escaped;
-use crate::virtio::{self, DmaPool, Failure, Mmio, VirtioError, DEVICE_ID_VSOCK};
+use crate::virtio::{DmaPool, Mmio, DEVICE_ID_VSOCK};
 use crate::vsock::{Driver, Problem};
 
 /// The line sent to `probe.vsock_host_port`.
@@ -60,55 +60,52 @@ fn number(
 /// Runs the vsock check.
 pub fn run(ctx: &Context<'_>, report: &mut Report) {
     let a = ctx.args;
-    let port = number(a.vsock_port, "vsock_port", 0..=0xffff_fffe, Some(52), report);
-    let host_port = number(a.vsock_host_port, "vsock_host_port", 0..=0xffff_fffe, None, report);
+    let port = number(
+        a.vsock_port,
+        "vsock_port",
+        0..=0xffff_fffe,
+        Some(52),
+        report,
+    );
+    let host_port = number(
+        a.vsock_host_port,
+        "vsock_host_port",
+        0..=0xffff_fffe,
+        None,
+        report,
+    );
     let conns = number(a.vsock_conns, "vsock_conns", 0..=1_000_000, Some(1), report);
-    let timeout = number(a.vsock_timeout_s, "vsock_timeout_s", 1..=3600, Some(30), report);
+    let timeout = number(
+        a.vsock_timeout_s,
+        "vsock_timeout_s",
+        1..=3600,
+        Some(30),
+        report,
+    );
     let (Ok(Some(port)), Ok(host_port), Ok(Some(conns)), Ok(Some(timeout))) =
         (port, host_port, conns, timeout)
     else {
         return;
     };
-    let Some(devices) = checks::virtio_devices(ctx, report, DEVICE_ID_VSOCK, "virtio-vsock")
-    else {
+    let Some(devices) = checks::virtio_devices(ctx, report, DEVICE_ID_VSOCK, "virtio-vsock") else {
         return;
     };
     let Some(d) = devices.as_slice().first() else {
         return;
     };
     let label = Label(d.base);
-    let fail = |report: &mut Report, step, error| {
-        report.fail(format_args!(
-            "{}",
-            Failure {
-                device: &label,
-                step,
-                error
-            }
-        ))
+    let Some(result) = checks::with_device(d, &label, report, |mmio, pool| {
+        exercise(
+            mmio,
+            pool,
+            port as u32,
+            conns as u32,
+            timeout * 1000,
+            host_port.map(|p| p as u32),
+        )
+    }) else {
+        return;
     };
-    let mmio = match Mmio::new(d.base, d.size) {
-        Ok(m) => m,
-        Err(e) => return fail(report, "window", e),
-    };
-    let Some(pool) = DmaPool::take() else {
-        return fail(report, "setup", VirtioError::NoDma);
-    };
-    let result = exercise(
-        &mmio,
-        &pool,
-        port as u32,
-        conns as u32,
-        timeout * 1000,
-        host_port.map(|p| p as u32),
-    );
-    match virtio::reset(&mmio) {
-        Ok(()) => drop(pool),
-        Err(e) => {
-            fail(report, "reset", e);
-            pool.keep_forever();
-        }
-    }
     match result {
         Ok(o) => {
             report.detail(format_args!(
@@ -116,7 +113,7 @@ pub fn run(ctx: &Context<'_>, report: &mut Report) {
                 o.cid, o.echoed, o.served
             ));
         }
-        Err(Problem::Virtio(step, e)) => fail(report, step, e),
+        Err(Problem::Virtio(step, e)) => checks::fail_step(report, &label, step, e),
         Err(p) => report.fail(format_args!("{label}: {p}")),
     }
 }

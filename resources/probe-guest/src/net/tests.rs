@@ -80,7 +80,10 @@ fn arp_reply_is_recognised() {
     // Padded to 60 bytes: the same.
     let mut padded = f.clone();
     padded.resize(60, 0);
-    assert!(matches!(classify_arp(&padded, MAC, IP, PEER), Verdict::Reply(_)));
+    assert!(matches!(
+        classify_arp(&padded, MAC, IP, PEER),
+        Verdict::Reply(_)
+    ));
 }
 
 #[test]
@@ -117,10 +120,16 @@ fn broken_arp_replies_to_us_are_malformed() {
     ));
     let mut g = f.clone();
     g[19] = 16; // protocol size
-    assert!(matches!(classify_arp(&g, MAC, IP, PEER), Verdict::Malformed(_)));
+    assert!(matches!(
+        classify_arp(&g, MAC, IP, PEER),
+        Verdict::Malformed(_)
+    ));
     let mut g = f.clone();
     g[22..28].copy_from_slice(&[0xff; 6]); // broadcast sender MAC
-    assert!(matches!(classify_arp(&g, MAC, IP, PEER), Verdict::Malformed(_)));
+    assert!(matches!(
+        classify_arp(&g, MAC, IP, PEER),
+        Verdict::Malformed(_)
+    ));
 }
 
 #[test]

@@ -215,8 +215,7 @@ impl Host {
                     }
                     let mut h = self.hdr(&c, OP_RW);
                     h.len = n as u32;
-                    self.out
-                        .push_back((h, c.data[c.sent..c.sent + n].to_vec()));
+                    self.out.push_back((h, c.data[c.sent..c.sent + n].to_vec()));
                     c.sent += n;
                     c.advertised = c.fwd_cnt;
                 }
@@ -258,7 +257,8 @@ impl Host {
                         assert!(data.len() <= 4, "the guest sent past the listener's credit");
                         got.extend_from_slice(&data);
                         let fwd = got.len();
-                        self.out.push_back((reply(OP_CREDIT_UPDATE, fwd), Vec::new()));
+                        self.out
+                            .push_back((reply(OP_CREDIT_UPDATE, fwd), Vec::new()));
                     }
                     OP_SHUTDOWN => {
                         *closed = true;
@@ -291,7 +291,10 @@ impl Host {
                 OP_RST => c.closed = true,
                 OP_RW => {
                     let in_flight = (c.echo.len() + data.len()) as u32 - c.fwd_cnt;
-                    assert!(in_flight <= c.buf_alloc, "the guest sent past the host's credit");
+                    assert!(
+                        in_flight <= c.buf_alloc,
+                        "the guest sent past the host's credit"
+                    );
                     c.echo.extend_from_slice(&data);
                     c.fwd_cnt = c.echo.len() as u32;
                     if c.fwd_cnt - c.advertised >= c.buf_alloc / 2 {
@@ -476,7 +479,13 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
 }
 
 /// Runs `serve` with the host kicked between polls (the device acts on its own in reality).
-fn serve(d: &mut Driver<'_, '_, FakeVsock>, f: &FakeVsock, port: u32, n: u32, ms: u64) -> Result<(), Problem> {
+fn serve(
+    d: &mut Driver<'_, '_, FakeVsock>,
+    f: &FakeVsock,
+    port: u32,
+    n: u32,
+    ms: u64,
+) -> Result<(), Problem> {
     d.listen = Some(port);
     let deadline = Deadline::after_ms(ms);
     loop {
@@ -512,12 +521,24 @@ fn one_connection_is_echoed_within_small_host_credit() {
     assert_eq!(c.echo, data, "every byte back, in order");
     assert_eq!(d.stats.echoed, 1000);
     assert_eq!(d.stats.served, 1);
-    assert!(d.stats.credit_updates > 0, "credit updates as data is consumed");
-    assert!(d.stats.credit_requests > 0, "the 256-byte host buffer ran out");
+    assert!(
+        d.stats.credit_updates > 0,
+        "credit updates as data is consumed"
+    );
+    assert!(
+        d.stats.credit_requests > 0,
+        "the 256-byte host buffer ran out"
+    );
     // The guest answered the REQUEST with a RESPONSE advertising its buffer.
     let (resp, _) = &dev.host.seen[0];
-    assert_eq!((resp.op, resp.buf_alloc, resp.fwd_cnt), (OP_RESPONSE, BUF_ALLOC, 0));
-    assert_eq!((resp.src_port, resp.dst_port, resp.dst_cid), (52, 1000, HOST_CID));
+    assert_eq!(
+        (resp.op, resp.buf_alloc, resp.fwd_cnt),
+        (OP_RESPONSE, BUF_ALLOC, 0)
+    );
+    assert_eq!(
+        (resp.src_port, resp.dst_port, resp.dst_cid),
+        (52, 1000, HOST_CID)
+    );
     // It shut down before the host's RST closed the connection.
     assert!(dev
         .host
@@ -587,7 +608,10 @@ fn the_echo_phase_times_out() {
     let p2 = pool(&mut r2);
     let f = FakeVsock::new(Vec::new());
     let mut d = Driver::start(&f, &p2).unwrap();
-    assert!(matches!(d.serve(52, 1, 50), Err(Problem::ServeTimeout { served: 0, .. })));
+    assert!(matches!(
+        d.serve(52, 1, 50),
+        Err(Problem::ServeTimeout { served: 0, .. })
+    ));
 }
 
 #[test]
@@ -601,7 +625,10 @@ fn a_host_past_our_credit_fails() {
     f.0.borrow_mut().host.clients[0].buf_alloc = 0;
     let mut d = Driver::start(&f, &p).unwrap();
     let e = serve(&mut d, &f, 52, 1, 2000).unwrap_err();
-    assert!(matches!(e, Problem::CreditOverrun { port: 1000, .. }), "{e:?}");
+    assert!(
+        matches!(e, Problem::CreditOverrun { port: 1000, .. }),
+        "{e:?}"
+    );
 }
 
 #[test]
