@@ -508,15 +508,6 @@ fn check_machine(m: &MachineConfig) -> Result<(), ResourceError> {
     Ok(())
 }
 
-fn check_rate_limiter(what: &str, rl: &Option<RateLimiterConfig>) -> Result<(), ResourceError> {
-    if let Some(rl) = rl {
-        devices::rate_limiter::RateLimiter::new(rl)
-            .map(drop)
-            .or_else(|e| err(format!("{what}: {e}")))?;
-    }
-    Ok(())
-}
-
 /// Checks a drive id: 1 to 20 bytes of letters, digits, `_` and `-` (it is the serial the
 /// guest reads and part of the API path).
 pub fn check_drive_id(id: &str) -> Result<(), ResourceError> {
@@ -595,10 +586,6 @@ impl VmResources {
             return err(format!("drive {}: path_on_host is required", d.drive_id));
         };
         check_readable(&format!("drive {}: path_on_host", d.drive_id), path)?;
-        check_rate_limiter(
-            &format!("drive {}: rate_limiter", d.drive_id),
-            &d.rate_limiter,
-        )?;
         if d.partuuid.is_some() && !d.is_root_device {
             return err(format!(
                 "drive {}: partuuid is only used with is_root_device true",
@@ -633,7 +620,6 @@ impl VmResources {
 
     /// `PUT /entropy`.
     pub fn set_entropy(&mut self, e: EntropyDevice) -> Result<(), ResourceError> {
-        check_rate_limiter("entropy: rate_limiter", &e.rate_limiter)?;
         self.entropy = Some(e);
         Ok(())
     }
