@@ -73,17 +73,7 @@ fn echo(s: &mut UnixStream, payload: &[u8]) {
 }
 
 fn finish(mut child: Child) -> (Option<i32>, String) {
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("cgvm did not end");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_with_limit(&mut child, Duration::from_secs(60)).expect("cgvm did not end");
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut err);

@@ -220,20 +220,11 @@ impl Served {
             .child
             .take()
             .expect("the process was already waited for");
-        let start = Instant::now();
-        let status = loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                break st;
-            }
-            if start.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "cgvm still running after {limit:?}; stderr:\n{}",
-                    self.stderr_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let Some(status) = super::wait_with_limit(&mut child, limit) else {
+            panic!(
+                "cgvm still running after {limit:?}; stderr:\n{}",
+                self.stderr_text()
+            );
         };
         Ended {
             status: status.code(),

@@ -7,7 +7,7 @@ pub mod api;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,22 @@ impl Finished {
     }
 }
 
+/// Waits for `child` to end; after `limit` kills and reaps it and returns `None`.
+pub fn wait_with_limit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return Some(st);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Runs `cmd` with stdout/stderr captured; kills it and fails the test after `limit`.
 pub fn run_with_limit(mut cmd: Command, limit: Duration) -> Finished {
     let start = Instant::now();
@@ -127,17 +143,9 @@ pub fn run_with_limit(mut cmd: Command, limit: Duration) -> Finished {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            let (o, e) = (o.join().unwrap_or_default(), e.join().unwrap_or_default());
-            panic!("command still running after {limit:?}: stdout:\n{o}\nstderr:\n{e}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = wait_with_limit(&mut child, limit) else {
+        let (o, e) = (o.join().unwrap_or_default(), e.join().unwrap_or_default());
+        panic!("command still running after {limit:?}: stdout:\n{o}\nstderr:\n{e}");
     };
     Finished {
         status: status.code(),
