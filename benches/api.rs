@@ -48,7 +48,8 @@ use std::{env, thread};
 mod common;
 
 use common::{
-    build_probe_guest, parse_flags, parse_number, parse_timeline, Request, Result, TempDir,
+    build_probe_guest, median, parse_flags, parse_number, parse_timeline, percentile, Request,
+    Result, TempDir,
 };
 
 const USAGE: &str = "\
@@ -487,22 +488,6 @@ fn wait_until_ready(vmm: &mut Vmm, sock: &Path, limit: Duration) -> Result<()> {
 }
 
 // --- statistics ---------------------------------------------------------------------------------
-
-/// The median of sorted values (the mean of the middle two for an even count).
-fn median(sorted: &[f64]) -> Option<f64> {
-    let n = sorted.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(sorted[n / 2]),
-        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
-    }
-}
-
-/// The p-th percentile (0 < p <= 100) of sorted values by the nearest-rank method.
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
-}
 
 fn sorted(mut values: Vec<f64>) -> Vec<f64> {
     values.sort_by(f64::total_cmp);

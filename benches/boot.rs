@@ -29,8 +29,8 @@ use std::{env, io, thread};
 mod common;
 
 use common::{
-    build_probe_guest, parse_flags, parse_number, parse_timeline, Request, Result, TempDir,
-    Timeline,
+    build_probe_guest, median, parse_flags, parse_number, parse_timeline, percentile, Request,
+    Result, TempDir, Timeline,
 };
 
 const USAGE: &str = "\
@@ -313,23 +313,6 @@ const FIGURES: &[Figure] = &[
 ];
 
 // --- statistics ---------------------------------------------------------------------------------
-
-/// The median of sorted values (the mean of the middle two for an even count).
-fn median(sorted: &[f64]) -> Option<f64> {
-    let n = sorted.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(sorted[n / 2]),
-        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
-    }
-}
-
-/// The p-th percentile (0 < p <= 100) of sorted values by the nearest-rank method: the smallest
-/// value that at least p % of the values are less than or equal to.
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
-}
 
 struct Summary {
     median: f64,

@@ -173,3 +173,22 @@ pub fn parse_timeline(stderr: &str) -> Option<Timeline> {
     }
     Some(timeline)
 }
+
+/// The median of sorted values (the mean of the middle two for an even count).
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn median(sorted: &[f64]) -> Option<f64> {
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
+/// The p-th percentile (0 < p <= 100) of sorted values by the nearest-rank method: the smallest
+/// value that at least p % of the values are less than or equal to.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
+}
