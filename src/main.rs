@@ -14,7 +14,8 @@ use devices::rate_limiter::RateLimiterConfig;
 use serve::ServeArgs;
 use vmm::builder::{build, ConsoleIo};
 use vmm::config::{
-    parse_size, per_second, ConsoleConfig, DiskConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+    parse_size, per_second, ConsoleConfig, DiskConfig, NetBackend, NetIfaceConfig, VmConfig,
+    VsockConfig, DEFAULT_CMDLINE,
 };
 use vmm::outcome::EXIT_VMM_ERROR;
 use vmm::timeline::{monotonic_ns, Timeline};
@@ -125,6 +126,14 @@ struct RunArgs {
     /// `CONNECT <port>`; guest connections to host port P go to PATH_P (Firecracker's model).
     #[arg(long, value_name = "SPEC", value_parser = VsockConfig::parse_cli)]
     vsock: Option<VsockConfig>,
+    /// A network interface: tap:NAME uses an existing TAP interface; user starts passt for
+    /// rootless NAT'd networking (no root needed). Options: ,mac=M (the guest's MAC), ,id=ID.
+    /// Repeat for more (eth0, eth1, ... in order).
+    #[arg(long = "net", value_name = "SPEC", value_parser = NetIfaceConfig::parse_cli)]
+    nets: Vec<NetIfaceConfig>,
+    /// Forward host TCP port HOST to guest port GUEST (with --net user); repeat for more.
+    #[arg(long = "publish", value_name = "HOST:GUEST")]
+    publish: Vec<vmm::passt::Publish>,
     /// Run device threads without their seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -150,6 +159,25 @@ impl RunArgs {
             let mode = if first.read_only { "ro" } else { "rw" };
             cmdline = format!("{cmdline} root=/dev/vda {mode}");
         }
+        let mut nets = self.nets.clone();
+        if !self.publish.is_empty() {
+            let mut users = nets
+                .iter_mut()
+                .filter(|n| matches!(n.backend, NetBackend::User { .. }));
+            match (users.next(), users.next()) {
+                (Some(n), None) => {
+                    n.backend = NetBackend::User {
+                        publish: self.publish.clone(),
+                    }
+                }
+                (None, _) => return Err("--publish needs a --net user interface".into()),
+                (Some(_), Some(_)) => {
+                    return Err(
+                        "--publish with two --net user interfaces: which one is meant?".into(),
+                    )
+                }
+            }
+        }
         Ok(VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
@@ -166,6 +194,7 @@ impl RunArgs {
             }),
             disks: self.disks.clone(),
             vsock: self.vsock.clone(),
+            nets,
             seccomp: !self.no_seccomp,
         })
     }

@@ -13,7 +13,7 @@ use devices::virtio::block;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{BlockEngine, ConfigError, ConsoleConfig, VmConfig};
+use crate::config::{BlockEngine, ConfigError, ConsoleConfig, NetBackend, VmConfig};
 use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::metrics::Metrics;
 use crate::runner::{ConsoleInput, DriveHandle, Vmm, VmmParts};
@@ -60,6 +60,22 @@ pub enum BuildError {
     /// The vsock device could not be set up.
     #[error(transparent)]
     Vsock(#[from] devices::virtio::vsock::VsockError),
+    /// A network interface could not be set up.
+    #[error("network interface {id}: {source}")]
+    Net {
+        /// The interface id.
+        id: String,
+        /// What went wrong.
+        source: devices::virtio::net::NetError,
+    },
+    /// passt could not be started for a `user` network interface.
+    #[error("network interface {id}: {source}")]
+    Passt {
+        /// The interface id.
+        id: String,
+        /// What went wrong.
+        source: crate::passt::PasstError,
+    },
     /// The console file or another host resource.
     #[error("{what}: {source}")]
     Io {
@@ -268,6 +284,48 @@ pub fn build(
         virtio.add(&vm, mem, &mut mmio, Box::new(dev))?;
     }
 
+    // Network interfaces. passt processes live as long as the machine: dropping them (when
+    // the build fails from here on, or when the Vmm ends) kills them.
+    let mut passts = Vec::new();
+    for (net, id) in config.nets.iter().zip(config.net_ids()) {
+        let backend = match &net.backend {
+            NetBackend::Tap { name } => {
+                devices::virtio::net::NetBackendConfig::Tap { name: name.clone() }
+            }
+            NetBackend::User { publish } => {
+                let mut passt = crate::passt::Passt::start(None, publish).map_err(|source| {
+                    BuildError::Passt {
+                        id: id.clone(),
+                        source,
+                    }
+                })?;
+                let stream = passt.take_stream().ok_or_else(|| BuildError::Io {
+                    what: format!("network interface {id}"),
+                    source: std::io::Error::other("passt's stream was already taken"),
+                })?;
+                passts.push(passt);
+                devices::virtio::net::NetBackendConfig::Stream(stream)
+            }
+        };
+        let dev = devices::virtio::net::Net::new(devices::virtio::net::NetConfig {
+            backend,
+            mac: net.mac,
+            rx_rate_limiter: net.rx_rate_limiter,
+            tx_rate_limiter: net.tx_rate_limiter,
+        })
+        .map_err(|source| BuildError::Net {
+            id: id.clone(),
+            source,
+        })?;
+        log::info!("network interface {id}: {}", dev.backend().describe());
+        let m = dev.metrics();
+        lock(&metrics.extra).push((
+            format!("net_{id}"),
+            Box::new(move || crate::metrics::net_json(&m)),
+        ));
+        virtio.add(&vm, mem, &mut mmio, Box::new(dev))?;
+    }
+
     // What the guest reads at entry: command line (with the devices), ACPI, boot params.
     let cmdline = std::iter::once(config.cmdline.clone())
         .chain(virtio.cmdline_entries())
@@ -350,5 +408,6 @@ pub fn build(
         console_input,
         i8042,
         drives,
+        passts,
     }))
 }

@@ -169,6 +169,125 @@ impl VsockConfig {
     }
 }
 
+/// Most network interfaces a machine may have.
+pub const MAX_NETS: usize = 8;
+/// Longest network interface id (Firecracker's `iface_id`).
+pub const MAX_NET_ID_LEN: usize = 64;
+
+/// Where a network interface's frames go on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum NetBackend {
+    /// An existing TAP interface, by name (in the network namespace cgvm runs in).
+    Tap {
+        /// The interface's name.
+        name: String,
+    },
+    /// Rootless networking: a passt process started for this machine, stopped with it.
+    User {
+        /// Host TCP ports forwarded to guest ports.
+        #[serde(default)]
+        publish: Vec<crate::passt::Publish>,
+    },
+}
+
+/// One network interface (virtio-net device).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetIfaceConfig {
+    /// The interface id (Firecracker's `iface_id`); `ethN` when not given.
+    pub id: Option<String>,
+    /// Where its frames go.
+    pub backend: NetBackend,
+    /// The guest's MAC address; without one the guest picks a random one.
+    #[serde(default)]
+    pub mac: Option<[u8; 6]>,
+    /// Limits what the guest receives (bytes and frames per second).
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits what the guest sends.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff` (hex digits, either case) that a guest may use as
+/// its own: not a multicast (or broadcast) address, not all zeros.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = |why: &str| format!("MAC address '{s}': {why}");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in mac.iter_mut() {
+        let p = parts
+            .next()
+            .ok_or_else(|| bad("expected six hex bytes separated by ':'"))?;
+        if p.len() != 2 {
+            return Err(bad("expected six hex bytes separated by ':'"));
+        }
+        *byte = u8::from_str_radix(p, 16)
+            .map_err(|_| bad("expected six hex bytes separated by ':'"))?;
+    }
+    if parts.next().is_some() {
+        return Err(bad("expected six hex bytes separated by ':'"));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(bad("a multicast address cannot be an interface's own"));
+    }
+    if mac == [0; 6] {
+        return Err(bad("all zeros is not an address"));
+    }
+    Ok(mac)
+}
+
+/// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl NetIfaceConfig {
+    /// Parses the CLI form `tap:NAME[,mac=M][,id=ID]` or `user[,mac=M][,id=ID]`.
+    pub fn parse_cli(spec: &str) -> Result<Self, String> {
+        let mut parts = spec.split(',');
+        let kind = parts.next().unwrap_or_default();
+        let backend = match kind.split_once(':') {
+            Some(("tap", name)) if !name.is_empty() => NetBackend::Tap {
+                name: name.to_string(),
+            },
+            None if kind == "user" => NetBackend::User {
+                publish: Vec::new(),
+            },
+            _ => {
+                return Err(format!(
+                    "--net {spec}: expected tap:NAME or user, then ,mac=M or ,id=ID"
+                ))
+            }
+        };
+        let mut net = Self {
+            id: None,
+            backend,
+            mac: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("mac", m)) => {
+                    net.mac = Some(parse_mac(m).map_err(|e| format!("--net {spec}: {e}"))?)
+                }
+                Some(("id", id)) if !id.is_empty() => net.id = Some(id.to_string()),
+                _ => {
+                    return Err(format!(
+                        "--net {spec}: unknown option '{opt}' (mac=M, id=ID)"
+                    ))
+                }
+            }
+        }
+        Ok(net)
+    }
+}
+
 /// Kernel command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -232,6 +351,9 @@ pub struct VmConfig {
     /// The vsock device, if any.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Network interfaces, in the order the guest sees them (eth0, eth1, ...).
+    #[serde(default)]
+    pub nets: Vec<NetIfaceConfig>,
     /// Install the seccomp filters (off only for debugging).
     #[serde(default = "default_true")]
     pub seccomp: bool,
@@ -256,6 +378,7 @@ impl Default for VmConfig {
             rng_rate_limiter: None,
             disks: Vec::new(),
             vsock: None,
+            nets: Vec::new(),
             seccomp: true,
         }
     }
@@ -293,6 +416,21 @@ pub enum ConfigError {
     /// A drive id that is too long, empty, or used twice.
     #[error("drive id '{0}': ids must be 1 to {MAX_DISK_ID_LEN} bytes and unique")]
     BadDiskId(String),
+    /// Too many network interfaces.
+    #[error("{0} network interfaces given; a machine has at most {MAX_NETS}")]
+    TooManyNets(usize),
+    /// An interface id that is too long, empty, or used twice.
+    #[error("network interface id '{0}': ids must be 1 to {MAX_NET_ID_LEN} bytes and unique")]
+    BadNetId(String),
+    /// A tap name Linux would refuse.
+    #[error("tap '{0}': an interface name is 1 to 15 bytes without '/', ':' or white space")]
+    BadTapName(String),
+    /// Two interfaces on one tap.
+    #[error("tap '{0}' is given to two network interfaces")]
+    TapTwice(String),
+    /// A guest MAC address used twice.
+    #[error("MAC address {0} is given to two network interfaces")]
+    MacTwice(String),
 }
 
 /// The host's physical memory in MiB, from /proc/meminfo (read once: every machine-config
@@ -344,7 +482,50 @@ impl VmConfig {
                 return Err(ConfigError::BadDiskId(id.clone()));
             }
         }
+        self.validate_nets()
+    }
+
+    fn validate_nets(&self) -> Result<(), ConfigError> {
+        if self.nets.len() > MAX_NETS {
+            return Err(ConfigError::TooManyNets(self.nets.len()));
+        }
+        let ids = self.net_ids();
+        for (i, (net, id)) in self.nets.iter().zip(&ids).enumerate() {
+            if id.is_empty() || id.len() > MAX_NET_ID_LEN || ids[..i].contains(id) {
+                return Err(ConfigError::BadNetId(id.clone()));
+            }
+            let earlier = &self.nets[..i];
+            if let NetBackend::Tap { name } = &net.backend {
+                let valid = !name.is_empty()
+                    && name.len() <= 15
+                    && name != "."
+                    && name != ".."
+                    && !name
+                        .bytes()
+                        .any(|b| b == 0 || b == b'/' || b == b':' || b.is_ascii_whitespace());
+                if !valid {
+                    return Err(ConfigError::BadTapName(name.clone()));
+                }
+                if earlier.iter().any(|n| n.backend == net.backend) {
+                    return Err(ConfigError::TapTwice(name.clone()));
+                }
+            }
+            if let Some(mac) = &net.mac {
+                if earlier.iter().any(|n| n.mac.as_ref() == Some(mac)) {
+                    return Err(ConfigError::MacTwice(format_mac(mac)));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Each network interface's id: its own, or `ethN`.
+    pub fn net_ids(&self) -> Vec<String> {
+        self.nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n.id.clone().unwrap_or_else(|| format!("eth{i}")))
+            .collect()
     }
 
     /// Each disk's id: its own, or `diskN`.
@@ -477,6 +658,90 @@ mod tests {
             ..ok()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn net_specs_and_macs_parse() {
+        let n = NetIfaceConfig::parse_cli("tap:tap0,mac=02:AB:cd:00:00:01,id=wan").unwrap();
+        assert_eq!(
+            n.backend,
+            NetBackend::Tap {
+                name: "tap0".into()
+            }
+        );
+        assert_eq!(n.mac, Some([2, 0xab, 0xcd, 0, 0, 1]));
+        assert_eq!(n.id.as_deref(), Some("wan"));
+        let n = NetIfaceConfig::parse_cli("user").unwrap();
+        assert_eq!(n.backend, NetBackend::User { publish: vec![] });
+        assert_eq!((n.mac, n.id), (None, None));
+        for bad in [
+            "",
+            "tap",
+            "tap:",
+            "bridge:br0",
+            "user:x",
+            "user,mac",
+            "user,bogus=1",
+            "tap:t,id=",
+            "tap:t,mac=03:00:00:00:00:01",
+        ] {
+            assert!(NetIfaceConfig::parse_cli(bad).is_err(), "{bad}");
+        }
+        for bad in [
+            "02:00:00:00:00",
+            "02:00:00:00:00:01:02",
+            "2:00:00:00:00:01",
+            "02-00-00-00-00-01",
+            "0g:00:00:00:00:01",
+            "ff:ff:ff:ff:ff:ff",
+            "00:00:00:00:00:00",
+        ] {
+            let e = parse_mac(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        assert_eq!(format_mac(&[2, 0xab, 0, 0, 0, 0x1f]), "02:ab:00:00:00:1f");
+    }
+
+    #[test]
+    fn net_counts_ids_taps_and_macs_are_validated() {
+        let tap = |name: &str, mac: Option<u8>| NetIfaceConfig {
+            id: None,
+            backend: NetBackend::Tap { name: name.into() },
+            mac: mac.map(|m| [2, 0, 0, 0, 0, m]),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        let c = VmConfig {
+            nets: vec![tap("a", Some(1)), tap("b", Some(2))],
+            ..ok()
+        };
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.net_ids(), ["eth0", "eth1"]);
+        let with = |nets| VmConfig { nets, ..ok() }.validate();
+        assert_eq!(
+            with(vec![tap("a", None), tap("a", None)]),
+            Err(ConfigError::TapTwice("a".into()))
+        );
+        assert_eq!(
+            with(vec![tap("a", Some(1)), tap("b", Some(1))]),
+            Err(ConfigError::MacTwice("02:00:00:00:00:01".into()))
+        );
+        let named = |id: &str, t: &str| NetIfaceConfig {
+            id: Some(id.into()),
+            ..tap(t, None)
+        };
+        assert_eq!(
+            with(vec![named("x", "a"), named("x", "b")]),
+            Err(ConfigError::BadNetId("x".into()))
+        );
+        for bad in ["", "sixteen-bytes-xx", "a/b", "a b", "a:b", ".."] {
+            assert_eq!(
+                with(vec![tap(bad, None)]),
+                Err(ConfigError::BadTapName(bad.into()))
+            );
+        }
+        let many = (0..9).map(|i| tap(&format!("t{i}"), None)).collect();
+        assert_eq!(with(many), Err(ConfigError::TooManyNets(9)));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use devices::virtio::block::BlockMetrics;
+use devices::virtio::net::NetMetrics;
 use devices::virtio::rng::RngMetrics;
 use serde_json::{json, Map, Value};
 
@@ -138,6 +139,23 @@ pub fn rng_json(m: &RngMetrics) -> Value {
         "bytes": get(&m.bytes),
         "requests": get(&m.requests),
         "rate_limiter_throttled_events": get(&m.throttled),
+    })
+}
+
+/// A network interface's section of the metrics line (Firecracker's `net_<id>` names where
+/// they exist).
+pub fn net_json(m: &NetMetrics) -> Value {
+    json!({
+        "rx_bytes_count": get(&m.rx_bytes),
+        "rx_packets_count": get(&m.rx_frames),
+        "rx_dropped_count": get(&m.rx_dropped),
+        "rx_fails": get(&m.rx_errors),
+        "rx_rate_limiter_throttled": get(&m.rx_throttled),
+        "tx_bytes_count": get(&m.tx_bytes),
+        "tx_packets_count": get(&m.tx_frames),
+        "tx_dropped_count": get(&m.tx_dropped),
+        "tx_fails": get(&m.tx_errors),
+        "tx_rate_limiter_throttled": get(&m.tx_throttled),
     })
 }
 

@@ -193,6 +193,8 @@ pub struct Vmm {
     console_input: Option<ConsoleInput>,
     i8042: Arc<Mutex<I8042Device>>,
     drives: Vec<DriveHandle>,
+    /// The passt processes of `user` network interfaces; dropped (killed) with the machine.
+    _passts: Vec<crate::passt::Passt>,
 }
 
 /// The parts [`Vmm::new`] assembles.
@@ -204,6 +206,7 @@ pub(crate) struct VmmParts {
     pub console_input: Option<ConsoleInput>,
     pub i8042: Arc<Mutex<I8042Device>>,
     pub drives: Vec<DriveHandle>,
+    pub passts: Vec<crate::passt::Passt>,
 }
 
 impl Vmm {
@@ -217,6 +220,7 @@ impl Vmm {
             console_input: p.console_input,
             i8042: p.i8042,
             drives: p.drives,
+            _passts: p.passts,
         }
     }
 
