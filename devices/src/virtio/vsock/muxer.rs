@@ -20,8 +20,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::packet::{Header, Op, HOST_CID, MAX_DATA_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 
@@ -39,7 +41,14 @@ pub const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_SIZE / 4;
 /// The first local port of host-initiated connections.
 pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
+/// How long a host client's connection waits for the guest to answer its REQUEST before it
+/// is closed and the request withdrawn with an RST (Firecracker waits 2 s too).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a host client may take to send its `CONNECT` line; a client that connects and
+/// says nothing would otherwise hold a connection slot for ever.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const LISTENER_TOKEN: u64 = 0;
+const TIMER_TOKEN: u64 = 1;
 
 /// A connection's key: (local port, peer port).
 pub type ConnKey = (u32, u32);
@@ -113,6 +122,8 @@ struct Connection {
     pending_response: bool,
     pending_shutdown: u32,
     pending_credit_update: bool,
+    /// For a host-initiated connection, when it is given up if the guest has not answered.
+    deadline: Option<Instant>,
 }
 
 impl Connection {
@@ -140,6 +151,7 @@ impl Connection {
             pending_response: false,
             pending_shutdown: 0,
             pending_credit_update: false,
+            deadline: None,
         }
     }
 
@@ -215,6 +227,7 @@ impl Connection {
 struct Handshake {
     stream: UnixStream,
     line: Vec<u8>,
+    deadline: Instant,
 }
 
 enum Owner {
@@ -236,6 +249,10 @@ pub struct Muxer {
     rst_queue: VecDeque<ConnKey>,
     last_served: Option<ConnKey>,
     max_connections: usize,
+    /// Fires at the earliest deadline of a handshake or an unanswered connection.
+    timer: TimerFd,
+    connect_timeout: Duration,
+    handshake_timeout: Duration,
 }
 
 /// Sends without blocking and without SIGPIPE.
@@ -328,6 +345,12 @@ impl Muxer {
             listener.as_raw_fd(),
             EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
         )?;
+        let timer = TimerFd::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+        )?;
         Ok(Muxer {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
@@ -336,12 +359,73 @@ impl Muxer {
             conns: BTreeMap::new(),
             handshakes: HashMap::new(),
             tokens: HashMap::new(),
-            next_token: LISTENER_TOKEN + 1,
+            next_token: TIMER_TOKEN + 1,
             next_local_port: FIRST_LOCAL_PORT,
             rst_queue: VecDeque::new(),
             last_served: None,
             max_connections: MAX_CONNECTIONS,
+            timer,
+            connect_timeout: CONNECT_TIMEOUT,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         })
+    }
+
+    /// Changes how long the guest has to answer a host client's connection and how long a
+    /// host client has to send its `CONNECT` line.
+    pub fn set_timeouts(&mut self, connect: Duration, handshake: Duration) {
+        self.connect_timeout = connect;
+        self.handshake_timeout = handshake;
+    }
+
+    /// Arms the timer for the earliest deadline, or disarms it when nothing waits.
+    fn arm_timer(&mut self) {
+        let next = self
+            .conns
+            .values()
+            .filter_map(|c| c.deadline)
+            .chain(self.handshakes.values().map(|h| h.deadline))
+            .min();
+        let r = match next {
+            // A zero duration would disarm the timer: a deadline already past fires in 1 µs.
+            Some(t) => self.timer.reset(
+                t.saturating_duration_since(Instant::now())
+                    .max(Duration::from_micros(1)),
+                None,
+            ),
+            None => self.timer.clear(),
+        };
+        if let Err(e) = r {
+            log::debug!("virtio-vsock: timer: {e}");
+        }
+    }
+
+    /// Closes the host clients whose handshake or connection request took too long; the
+    /// guest gets an RST for each withdrawn request.
+    fn expire(&mut self) {
+        // The timer is readable (epoll said so): this read does not block.
+        let _ = self.timer.wait();
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .handshakes
+            .iter()
+            .filter(|(_, h)| h.deadline <= now)
+            .map(|(&t, _)| t)
+            .collect();
+        for token in late {
+            log::debug!("virtio-vsock: host client sent no CONNECT line in time; closed");
+            self.drop_handshake(token);
+        }
+        let late: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(&k, _)| k)
+            .collect();
+        for key in late {
+            log::debug!("virtio-vsock: the guest did not answer {key:?} in time; reset");
+            self.reset(key);
+        }
+        self.arm_timer();
     }
 
     /// Changes the connection limit (host clients in their handshake count too).
@@ -483,6 +567,7 @@ impl Muxer {
                     return self.reset(key);
                 }
                 c.state = ConnState::Established;
+                c.deadline = None;
                 let ok = format!("OK {}\n", key.0);
                 c.tx_uncounted += ok.len();
                 c.tx_buf.extend(ok.as_bytes());
@@ -558,6 +643,10 @@ impl Muxer {
                 self.accept_all();
                 continue;
             }
+            if token == TIMER_TOKEN {
+                self.expire();
+                continue;
+            }
             match self.tokens.get(&token) {
                 Some(Owner::Handshake) => self.handshake(token),
                 Some(&Owner::Conn(key)) => self.conn_event(key, set),
@@ -610,8 +699,10 @@ impl Muxer {
                     Handshake {
                         stream,
                         line: Vec::new(),
+                        deadline: Instant::now() + self.handshake_timeout,
                     },
                 );
+                self.arm_timer();
             }
         }
     }
@@ -670,7 +761,9 @@ impl Muxer {
         let token = self.token();
         let mut c = Connection::new(h.stream, token, ConnState::LocalInit, None);
         c.pending_request = true;
+        c.deadline = Some(Instant::now() + self.connect_timeout);
         self.add_conn((local, port), c);
+        self.arm_timer();
     }
 
     fn conn_event(&mut self, key: ConnKey, set: EventSet) {

@@ -173,6 +173,8 @@ impl DeviceWorker for VsockWorker {
             libc::SYS_sendto,
             libc::SYS_recvfrom,
             libc::SYS_shutdown,
+            // The muxer's timer for handshakes and unanswered connection requests.
+            libc::SYS_timerfd_settime,
         ]
     }
 

@@ -435,3 +435,60 @@ fn no_room_for_data_gives_control_packets_only() {
     assert_eq!(env.mux.next_rx(0), None);
     assert_eq!(env.wait_rx().1, b"data");
 }
+
+#[test]
+fn unanswered_requests_and_silent_clients_time_out() {
+    let mut env = Env::new();
+    env.mux
+        .set_timeouts(Duration::from_millis(100), Duration::from_millis(300));
+    // A client whose connection the guest never answers: REQUEST, then after the timeout an
+    // RST for the guest and EOF for the client.
+    let mut client = UnixStream::connect(&env.uds).unwrap();
+    client.write_all(b"CONNECT 52\n").unwrap();
+    let (h, _) = env.wait_rx();
+    assert_eq!(op(&h), Op::Request);
+    let key = (h.src_port, 52);
+    // A client that never sends its CONNECT line.
+    let mut silent = UnixStream::connect(&env.uds).unwrap();
+    let started = Instant::now();
+    let (h, _) = env.wait_rx();
+    assert_eq!((op(&h), h.src_port, h.dst_port), (Op::Rst, key.0, key.1));
+    assert!(started.elapsed() >= Duration::from_millis(60));
+    assert_eq!(env.mux.connection_state(key), None);
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        client.read(&mut [0u8; 8]).unwrap(),
+        0,
+        "the client sees EOF"
+    );
+    // The silent one is closed after its own, longer timeout.
+    silent
+        .set_read_timeout(Some(Duration::from_millis(10)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let closed = loop {
+        env.mux.process_host_events();
+        match silent.read(&mut [0u8; 8]) {
+            Ok(0) => break true,
+            Ok(_) => break false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break true,
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+    };
+    assert!(closed, "the silent client was closed");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    env.assert_no_rx();
+    // An answered request is not timed out.
+    let (mut c, key) = env.host_connection(53);
+    std::thread::sleep(Duration::from_millis(250));
+    env.mux.process_host_events();
+    assert_eq!(env.mux.connection_state(key), Some(ConnState::Established));
+    c.write_all(b"still here").unwrap();
+    let (h, data) = env.wait_rx();
+    assert_eq!((op(&h), &data[..]), (Op::Rw, &b"still here"[..]));
+}
