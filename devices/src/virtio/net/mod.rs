@@ -7,10 +7,13 @@
 //! - `worker`: the device thread ([`NetWorker`]): the receive queue (frames from the backend
 //!   into guest buffers, mergeable or not), the transmit queue (guest frames to the backend),
 //!   the two rate limiters.
+//! - `control`: [`NetControl`], changing the rate limiters while the guest runs.
 //!
 //! Two queues: 0 is receive, 1 is transmit (no multiqueue, no control queue). The backend
-//! ([`Backend`]) is set up by [`Net::new`], before any guest runs, and outlives activations;
-//! a tap's offloads are set at each activation from the features the driver accepted.
+//! ([`Backend`]) and the rate limiters (their timers) are set up by [`Net::new`], before any
+//! guest runs, and outlive activations: a worker takes the limiters when the driver sets
+//! DRIVER_OK and gives them back when it stops, so no descriptor is created on a device
+//! thread. A tap's offloads are set at each activation from the features the driver accepted.
 //!
 //! Features offered over a tap:
 //! - VERSION_1 (always; the header is then `virtio_net_hdr_v1`, 12 bytes, with
@@ -29,6 +32,7 @@
 //! Not offered: CTRL_VQ (and so no promiscuous/VLAN filtering or announce), MQ, MTU,
 //! GUEST_ANNOUNCE, the hash and RSS features, USO.
 
+mod control;
 mod stream;
 mod tap;
 mod worker;
@@ -45,8 +49,9 @@ use super::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
-use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
+use crate::rate_limiter::{RateLimiterConfig, RateLimiterError};
 
+pub use control::{NetControl, CONTROL_TIMEOUT};
 pub use stream::{FrameStream, StreamError, MAX_STREAM_FRAME};
 pub use tap::{
     Tap, TapError, MAX_NAME_LEN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
@@ -120,7 +125,7 @@ pub struct NetConfig {
     pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
-/// Why a network device could not be created.
+/// Why a network device could not be created or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     /// The tap could not be opened.
@@ -129,6 +134,38 @@ pub enum NetError {
     /// The stream to passt could not be set up.
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// A rate limiter (its timer) could not be created.
+    #[error("virtio-net ({device}): cannot create the rate limiter: {source}")]
+    RateLimiter {
+        /// The backend ("tap NAME").
+        device: String,
+        /// The error.
+        #[source]
+        source: RateLimiterError,
+    },
+    /// An eventfd of the device could not be created or written.
+    #[error("virtio-net ({device}): {what}: {source}")]
+    Io {
+        /// The backend ("tap NAME").
+        device: String,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device thread did not take a change ([`NetControl`]) in time; the change was
+    /// withdrawn and the limiters are as they were.
+    #[error(
+        "virtio-net ({device}): the device thread did not take the change within {timeout:?}; \
+         nothing was changed"
+    )]
+    Timeout {
+        /// The backend ("tap NAME").
+        device: String,
+        /// How long the caller waited.
+        timeout: std::time::Duration,
+    },
 }
 
 /// The host side of a network device.
@@ -201,8 +238,8 @@ pub struct NetMetrics {
 pub struct Net {
     backend: Arc<Backend>,
     mac: Option<[u8; 6]>,
-    rx_rate_limiter: Option<RateLimiterConfig>,
-    tx_rate_limiter: Option<RateLimiterConfig>,
+    /// The rate limiters (while no worker runs) and their control.
+    shared: Arc<control::Shared>,
     avail_features: u64,
     worker: Option<WorkerHandle>,
     metrics: Arc<NetMetrics>,
@@ -213,6 +250,7 @@ impl std::fmt::Debug for Net {
         f.debug_struct("Net")
             .field("backend", &self.backend.describe())
             .field("mac", &self.mac)
+            .field("rate_limiters", &self.shared.rate_limiters())
             .field("active", &self.worker.is_some())
             .finish()
     }
@@ -284,20 +322,40 @@ pub fn offloads_for(acked: u64) -> u32 {
 }
 
 impl Net {
-    /// Sets up the backend (opens the tap, or takes the stream) and makes an inactive device
-    /// over it.
+    /// Sets up the backend (opens the tap, or takes the stream) and the rate limiters (their
+    /// timers), and makes an inactive device over them.
     pub fn new(config: NetConfig) -> Result<Self, NetError> {
         let backend = Backend::open(config.backend)?;
+        let device = backend.describe();
+        let limiters = control::Limiters::new(
+            config.rx_rate_limiter.as_ref(),
+            config.tx_rate_limiter.as_ref(),
+        )
+        .map_err(|source| NetError::RateLimiter {
+            device: device.clone(),
+            source,
+        })?;
+        let shared =
+            control::Shared::new(device.clone(), limiters).map_err(|source| NetError::Io {
+                device,
+                what: "cannot create the control eventfd",
+                source,
+            })?;
         let avail_features = offered_features(config.mac.is_some(), &backend);
         Ok(Self {
             backend: Arc::new(backend),
             mac: config.mac,
-            rx_rate_limiter: config.rx_rate_limiter,
-            tx_rate_limiter: config.tx_rate_limiter,
+            shared: Arc::new(shared),
             avail_features,
             worker: None,
             metrics: Arc::default(),
         })
+    }
+
+    /// A handle that changes the rate limiters while the guest runs; take it before the
+    /// device goes into its transport.
+    pub fn control(&self) -> NetControl {
+        NetControl::new(self.shared.clone())
     }
 
     /// The device's counters.
@@ -365,11 +423,15 @@ impl VirtioDevice for Net {
             tap.set_offloads(offloads_for(acked))
                 .map_err(|e| ActivateError::Backend(e.to_string()))?;
         }
-        let limiter = |c: &Option<RateLimiterConfig>| match c {
-            Some(c) => RateLimiter::new(c)
-                .map(Some)
-                .map_err(|e| ActivateError::Backend(format!("virtio-net: {e}"))),
-            None => Ok(None),
+        let limiters = match self.shared.take_limiters() {
+            Some(l) => l,
+            None => {
+                // A previous worker never gave them back: start again from what was in force.
+                let (rx, tx) = self.shared.rate_limiters();
+                control::Limiters::new(rx.as_ref(), tx.as_ref()).map_err(|e| {
+                    ActivateError::Backend(format!("virtio-net ({}): {e}", self.backend.describe()))
+                })?
+            }
         };
         let worker = NetWorker::new(
             ctx.mem,
@@ -377,11 +439,13 @@ impl VirtioDevice for Net {
             tx,
             self.backend.clone(),
             ctx.interrupt.clone(),
-            limiter(&self.rx_rate_limiter)?,
-            limiter(&self.tx_rate_limiter)?,
+            limiters.rx,
+            limiters.tx,
             acked & (1 << features::MRG_RXBUF) != 0,
             self.metrics.clone(),
-        );
+        )
+        .with_control(self.shared.clone());
+        // On failure the worker is dropped here and gives the limiters back.
         self.worker = Some(spawn(worker, ctx.health, ctx.interrupt)?);
         Ok(())
     }

@@ -10,9 +10,10 @@ use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::control::{Limiters, Shared};
 use super::tap::testing::{can_create_taps, create_tap, in_new_netns, test_frame, PacketSocket};
 use super::*;
-use crate::rate_limiter::TokenBucket;
+use crate::rate_limiter::{RateLimiter, TokenBucket};
 use crate::virtio::test_driver::RingDriver;
 use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, DeviceHealth, InterruptReason, VirtioInterrupt};
@@ -70,6 +71,17 @@ impl Rig {
         rx_limit: Option<RateLimiter>,
         tx_limit: Option<RateLimiter>,
     ) -> Self {
+        Self::over_with(backend, mergeable, rx_limit, tx_limit, None)
+    }
+
+    /// [`over`](Self::over), the worker taking rate limiter changes from `control`.
+    fn over_with(
+        backend: Backend,
+        mergeable: bool,
+        rx_limit: Option<RateLimiter>,
+        tx_limit: Option<RateLimiter>,
+        control: Option<Arc<Shared>>,
+    ) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let (rx, rxq) = driver(&mem, 0);
         let (tx, txq) = driver(&mem, 0x4000);
@@ -92,6 +104,10 @@ impl Rig {
             mergeable,
             metrics.clone(),
         );
+        let worker = match control {
+            Some(c) => worker.with_control(c),
+            None => worker,
+        };
         Rig {
             mem,
             rx,
@@ -1096,4 +1112,479 @@ fn a_real_passt_answers_arp_through_the_device() {
     assert_eq!(&reply[32..38], &mac);
     assert_eq!(&reply[38..42], &me);
     assert!(rig.m(&rig.metrics.rx_frames) >= 1);
+}
+
+// Changing the rate limiters at run time ([`NetControl`]).
+
+use std::time::Instant;
+
+const TX_LIMITER_TOKEN: u32 = 4;
+const RX_LIMITER_TOKEN: u32 = 3;
+const COMMAND_TOKEN: u32 = 6;
+
+fn tb(size: u64, one_time_burst: Option<u64>, refill_time_ms: u64) -> TokenBucket {
+    TokenBucket {
+        size,
+        one_time_burst,
+        refill_time_ms,
+    }
+}
+
+/// `n` frames per hour: after the first `n`, the next waits far longer than any test.
+fn ops_per_hour(n: u64) -> RateLimiterConfig {
+    RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(tb(n, None, 3_600_000)),
+    }
+}
+
+/// The update that removes a limiter's frame limit (Firecracker's size 0).
+fn no_ops_limit() -> RateLimiterConfig {
+    RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(tb(0, None, 0)),
+    }
+}
+
+fn stream_config(fd: OwnedFd) -> NetConfig {
+    NetConfig {
+        backend: NetBackendConfig::Stream(fd),
+        mac: None,
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    }
+}
+
+/// Waits up to 5 s for `cond`.
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+impl Rig {
+    /// A worker over `backend` started as [`Net`] starts one: its limiters (made from `rx`
+    /// and `tx`) taken from a device's slot, the control eventfd among its sources. Also
+    /// returns what the device would share with it.
+    fn controlled(
+        backend: Backend,
+        rx: Option<RateLimiterConfig>,
+        tx: Option<RateLimiterConfig>,
+    ) -> (Self, Arc<Shared>) {
+        let limiters = Limiters::new(rx.as_ref(), tx.as_ref()).unwrap();
+        let shared = Arc::new(Shared::new(backend.describe(), limiters).unwrap());
+        let l = shared.take_limiters().unwrap();
+        let rig = Self::over_with(backend, true, l.rx, l.tx, Some(shared.clone()));
+        (rig, shared)
+    }
+
+    /// Runs `call` on another thread while this one serves the worker's control eventfd, as
+    /// the device thread would; returns what `call` returned.
+    fn serve<T: Send>(&mut self, call: impl FnOnce() -> T + Send) -> T {
+        let command = self
+            .source(COMMAND_TOKEN)
+            .expect("the command eventfd is a source");
+        std::thread::scope(|s| {
+            let call = s.spawn(call);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !call.is_finished() {
+                assert!(Instant::now() < deadline, "the control call never returned");
+                if readable_within(command, 5) {
+                    self.handle(COMMAND_TOKEN);
+                }
+            }
+            call.join().unwrap()
+        })
+    }
+}
+
+#[test]
+fn rate_limiter_updates_follow_firecracker_semantics_while_no_worker_runs() {
+    let (ours, _peer) = UnixStream::pair().unwrap();
+    let rx = RateLimiterConfig {
+        bandwidth: Some(tb(1000, None, 1000)),
+        ops: Some(tb(10, None, 1000)),
+    };
+    let dev = Net::new(NetConfig {
+        rx_rate_limiter: Some(rx),
+        ..stream_config(OwnedFd::from(ours))
+    })
+    .unwrap();
+    let ctl = dev.control();
+    assert_eq!(ctl.rate_limiters(), (Some(rx), None));
+    // Nothing given, or an empty limiter: nothing changes.
+    ctl.update_rate_limiters(None, None).unwrap();
+    ctl.update_rate_limiters(Some(RateLimiterConfig::default()), None)
+        .unwrap();
+    assert_eq!(ctl.rate_limiters(), (Some(rx), None));
+    // No limiter yet: one is made from the update.
+    ctl.update_rate_limiters(None, Some(ops_per_hour(1)))
+        .unwrap();
+    assert_eq!(ctl.rate_limiters(), (Some(rx), Some(ops_per_hour(1))));
+    // A given bucket replaces the old one; an absent one is kept.
+    let ops = tb(100, Some(50), 500);
+    ctl.update_rate_limiters(
+        Some(RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(ops),
+        }),
+        None,
+    )
+    .unwrap();
+    let rx = RateLimiterConfig {
+        bandwidth: rx.bandwidth,
+        ops: Some(ops),
+    };
+    assert_eq!(ctl.rate_limiters(), (Some(rx), Some(ops_per_hour(1))));
+    // Size 0 or refill time 0 removes a bucket; a limiter left with none is gone.
+    ctl.update_rate_limiters(
+        Some(RateLimiterConfig {
+            bandwidth: Some(tb(0, None, 1000)),
+            ops: None,
+        }),
+        Some(RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(tb(1, None, 0)),
+        }),
+    )
+    .unwrap();
+    let rx = RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(ops),
+    };
+    assert_eq!(ctl.rate_limiters(), (Some(rx), None));
+    ctl.update_rate_limiters(Some(no_ops_limit()), Some(no_ops_limit()))
+        .unwrap();
+    assert_eq!(ctl.rate_limiters(), (None, None));
+    let limiters = dev.shared.take_limiters().unwrap();
+    assert!(limiters.rx.is_none() && limiters.tx.is_none());
+    // A configuration that limits nothing makes no limiter.
+    let (ours, _peer) = UnixStream::pair().unwrap();
+    let dev = Net::new(NetConfig {
+        rx_rate_limiter: Some(RateLimiterConfig::default()),
+        tx_rate_limiter: Some(no_ops_limit()),
+        ..stream_config(OwnedFd::from(ours))
+    })
+    .unwrap();
+    assert_eq!(dev.control().rate_limiters(), (None, None));
+    let limiters = dev.shared.take_limiters().unwrap();
+    assert!(limiters.rx.is_none() && limiters.tx.is_none());
+    assert!(format!("{:?}", dev.control()).contains("stream to passt"));
+}
+
+#[test]
+fn a_net_control_handle_can_go_to_any_thread() {
+    fn shareable<T: Send + Sync + Clone + std::fmt::Debug>() {}
+    shareable::<NetControl>();
+}
+
+#[test]
+fn a_held_frame_goes_at_once_when_the_running_worker_lifts_the_limit() {
+    let (backend, mut peer) = stream_pair();
+    let (mut rig, shared) = Rig::controlled(backend, Some(ops_per_hour(1)), Some(ops_per_hour(1)));
+    let ctl = NetControl::new(shared.clone());
+    assert!(rig.source(RX_LIMITER_TOKEN).is_some());
+    assert!(rig.source(TX_LIMITER_TOKEN).is_some());
+    // Transmit: the second frame is held on the ring.
+    let t1 = test_frame(1, 100);
+    let t2 = test_frame(2, 200);
+    rig.post_tx(&t1);
+    rig.post_tx(&t2);
+    rig.handle(TX_TOKEN);
+    assert_eq!(rig.tx.take_used().len(), 1);
+    assert_eq!(rig.m(&rig.metrics.tx_throttled), 1);
+    // Receive: the second frame waits, the backend out of the epoll set.
+    let r1 = test_frame(3, 300);
+    let r2 = test_frame(4, 400);
+    let (_, a1) = rig.post_rx(2048);
+    let (h2, a2) = rig.post_rx(2048);
+    let mut msg = framed(&r1);
+    msg.extend(framed(&r2));
+    peer.write_all(&msg).unwrap();
+    rig.handle(TAP_TOKEN);
+    assert_eq!(rig.rx.take_used().len(), 1);
+    assert_eq!(&rig.bytes(a1, 312)[12..], &r1[..]);
+    assert!(rig.worker.has_pending_frame());
+    assert!(!rig.worker.is_reading_tap());
+    let mut acc = Vec::new();
+    assert_eq!(drain_frames(&mut peer, &mut acc), vec![t1.clone()]);
+
+    // Lifting both limits: the worker takes the change and both frames go at once, without
+    // waiting for the hour-long timers; the limiters and their timers are gone.
+    let start = Instant::now();
+    let c = ctl.clone();
+    rig.serve(move || c.update_rate_limiters(Some(no_ops_limit()), Some(no_ops_limit())))
+        .unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(ctl.rate_limiters(), (None, None));
+    assert_eq!(rig.rx.take_used(), vec![(u32::from(h2), 412)]);
+    assert_eq!(&rig.bytes(a2, 412)[12..], &r2[..]);
+    assert!(!rig.worker.has_pending_frame());
+    assert!(rig.worker.is_reading_tap());
+    assert_eq!(rig.tx.take_used().len(), 1);
+    assert_eq!(drain_frames(&mut peer, &mut acc), vec![t2]);
+    assert!(rig.source(RX_LIMITER_TOKEN).is_none());
+    assert!(rig.source(TX_LIMITER_TOKEN).is_none());
+    assert_eq!(rig.m(&rig.metrics.rx_frames), 2);
+    assert_eq!(rig.m(&rig.metrics.tx_frames), 2);
+
+    // A new limit on the running worker: a fresh limiter, its timer now a source.
+    let c = ctl.clone();
+    rig.serve(move || c.update_rate_limiters(None, Some(ops_per_hour(1))))
+        .unwrap();
+    assert_eq!(ctl.rate_limiters(), (None, Some(ops_per_hour(1))));
+    assert!(rig.source(TX_LIMITER_TOKEN).is_some());
+    let t3 = test_frame(5, 100);
+    rig.post_tx(&t3);
+    rig.post_tx(&test_frame(6, 100));
+    rig.handle(TX_TOKEN);
+    assert_eq!(rig.tx.take_used().len(), 1);
+    assert_eq!(rig.m(&rig.metrics.tx_throttled), 2);
+    assert_eq!(drain_frames(&mut peer, &mut acc), vec![t3]);
+}
+
+#[test]
+fn a_net_change_the_worker_does_not_take_times_out_and_changes_nothing() {
+    let (backend, mut peer) = stream_pair();
+    let (mut rig, shared) = Rig::controlled(backend, None, Some(ops_per_hour(1)));
+    let ctl = NetControl::new(shared.clone());
+    let t1 = test_frame(1, 100);
+    let t2 = test_frame(2, 100);
+    rig.post_tx(&t1);
+    rig.post_tx(&t2);
+    rig.handle(TX_TOKEN);
+    assert_eq!(rig.tx.take_used().len(), 1);
+    let timer = rig.source(TX_LIMITER_TOKEN);
+    // Nobody serves the worker.
+    let slow = ctl.clone().with_timeout(Duration::from_millis(100));
+    let start = Instant::now();
+    let e = slow
+        .update_rate_limiters(Some(ops_per_hour(5)), Some(no_ops_limit()))
+        .unwrap_err();
+    assert!(start.elapsed() >= Duration::from_millis(100));
+    assert!(matches!(e, NetError::Timeout { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("stream to passt") && msg.contains("did not take the change"),
+        "{msg}"
+    );
+    assert_eq!(ctl.rate_limiters(), (None, Some(ops_per_hour(1))));
+    // The worker wakes up late: the change was withdrawn, the frame is still held.
+    rig.handle(COMMAND_TOKEN);
+    assert!(rig.tx.take_used().is_empty());
+    assert_eq!(rig.source(TX_LIMITER_TOKEN), timer);
+    assert!(rig.source(RX_LIMITER_TOKEN).is_none());
+    assert_eq!(ctl.rate_limiters(), (None, Some(ops_per_hour(1))));
+    let mut acc = Vec::new();
+    assert_eq!(drain_frames(&mut peer, &mut acc), vec![t1]);
+    // The next change goes through.
+    let c = ctl.clone();
+    rig.serve(move || c.update_rate_limiters(None, Some(no_ops_limit())))
+        .unwrap();
+    assert_eq!(rig.tx.take_used().len(), 1);
+    assert_eq!(drain_frames(&mut peer, &mut acc), vec![t2]);
+    assert_eq!(ctl.rate_limiters(), (None, None));
+}
+
+#[test]
+fn a_net_change_waiting_when_the_worker_stops_is_made_by_the_caller() {
+    let (backend, _peer) = stream_pair();
+    let (rig, shared) = Rig::controlled(backend, None, Some(ops_per_hour(1)));
+    let ctl = NetControl::new(shared.clone());
+    let mut command = libc::pollfd {
+        fd: rig.source(COMMAND_TOKEN).unwrap(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    std::thread::scope(|s| {
+        let call = s.spawn(|| ctl.update_rate_limiters(Some(ops_per_hour(2)), None));
+        // Once the change waits for the worker, the worker stops (a reset).
+        // SAFETY: poll writes only the revents of our one pollfd.
+        assert_eq!(unsafe { libc::poll(&mut command, 1, 10_000) }, 1);
+        drop(rig);
+        call.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        ctl.rate_limiters(),
+        (Some(ops_per_hour(2)), Some(ops_per_hour(1)))
+    );
+    let limiters = shared.take_limiters().unwrap();
+    assert_eq!(
+        limiters.rx.as_ref().map(RateLimiter::config),
+        Some(ops_per_hour(2))
+    );
+    assert_eq!(
+        limiters.tx.as_ref().map(RateLimiter::config),
+        Some(ops_per_hour(1))
+    );
+}
+
+/// The driver's side of an active [`Net`]: its rings and notification eventfds.
+struct Activated {
+    mem: GuestMemoryMmap,
+    rxd: RingDriver,
+    txd: RingDriver,
+    rx_notify: EventFd,
+    tx_notify: EventFd,
+    health: DeviceHealth,
+    heap: u64,
+}
+
+impl Activated {
+    /// Activates `dev` on fresh rings (its thread under its seccomp filter).
+    fn new(dev: &mut Net) -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let (rxd, rxq) = driver(&mem, 0);
+        let (txd, txq) = driver(&mem, 0x4000);
+        let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        let tx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        let health = DeviceHealth::new();
+        dev.activate(crate::virtio::ActivateContext {
+            mem: mem.clone(),
+            queues: vec![
+                ActiveQueue {
+                    index: RX_QUEUE,
+                    queue: rxq,
+                    notify: rx_notify.try_clone().unwrap(),
+                },
+                ActiveQueue {
+                    index: TX_QUEUE,
+                    queue: txq,
+                    notify: tx_notify.try_clone().unwrap(),
+                },
+            ],
+            interrupt: Arc::new(CountingInterrupt::default()),
+            acked_features: dev.features(),
+            health: health.clone(),
+        })
+        .unwrap();
+        Self {
+            mem,
+            rxd,
+            txd,
+            rx_notify,
+            tx_notify,
+            health,
+            heap: 0x10_0000,
+        }
+    }
+
+    fn alloc(&mut self, len: u64) -> GuestAddress {
+        let a = self.heap;
+        self.heap = (self.heap + len + 4095) & !4095;
+        assert!(self.heap < MEM_SIZE);
+        GuestAddress(a)
+    }
+
+    /// Posts `frame` for transmission behind a zero header, and kicks the device.
+    fn send(&mut self, frame: &[u8]) {
+        let a = self.alloc(12 + frame.len() as u64);
+        self.mem.write_slice(&[0u8; 12], a).unwrap();
+        self.mem.write_slice(frame, a.unchecked_add(12)).unwrap();
+        self.txd.add_chain(&[(a, 12 + frame.len() as u32, false)]);
+        self.tx_notify.write(1).unwrap();
+    }
+
+    /// Posts a 4 KiB receive buffer and kicks the device; returns its address.
+    fn post_rx(&mut self) -> GuestAddress {
+        let a = self.alloc(4096);
+        self.rxd.add_chain(&[(a, 4096, true)]);
+        self.rx_notify.write(1).unwrap();
+        a
+    }
+}
+
+#[test]
+fn rate_limits_change_before_activation_while_active_and_after_a_reset() {
+    with_tap(
+        "rate_limits_change_before_activation_while_active_and_after_a_reset",
+        |name| {
+            assert!(crate::seccomp::enabled());
+            let mut dev = Net::new(tap_config(name)).unwrap();
+            let metrics = dev.metrics();
+            let ctl = dev.control();
+            let sock = PacketSocket::bind(name);
+            let sent = |f: &[u8], ms: u64| {
+                sock.recv_matching(Duration::from_millis(ms), |g| g == f)
+                    .is_some()
+            };
+            let m = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            // Before activation: stored, and the device thread starts with it.
+            ctl.update_rate_limiters(None, Some(ops_per_hour(1)))
+                .unwrap();
+            assert_eq!(ctl.rate_limiters(), (None, Some(ops_per_hour(1))));
+            let mut a = Activated::new(&mut dev);
+            let (t1, t2) = (test_frame(1, 500), test_frame(2, 600));
+            a.send(&t1);
+            a.send(&t2);
+            assert!(sent(&t1, 5000), "the first frame goes");
+            wait_until("tx throttled", || m(&metrics.tx_throttled) >= 1);
+            assert!(!sent(&t2, 200), "the second frame is held");
+            assert_eq!(a.txd.take_used().len(), 1);
+
+            // While active: a new receive limit, made on this thread, taken by the worker.
+            ctl.update_rate_limiters(Some(ops_per_hour(1)), None)
+                .unwrap();
+            assert_eq!(
+                ctl.rate_limiters(),
+                (Some(ops_per_hour(1)), Some(ops_per_hour(1)))
+            );
+            let b1 = a.post_rx();
+            let b2 = a.post_rx();
+            let (r1, r2) = (test_frame(3, 700), test_frame(4, 800));
+            sock.send(&r1);
+            wait_until("rx 1", || m(&metrics.rx_frames) == 1);
+            sock.send(&r2);
+            wait_until("rx throttled", || m(&metrics.rx_throttled) >= 1);
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(m(&metrics.rx_frames), 1, "the second frame is held");
+            let mut got = vec![0u8; 712];
+            a.mem.read_slice(&mut got, b1).unwrap();
+            assert_eq!(&got[12..], &r1[..]);
+
+            // Lifting both limits lets the held frames go at once (the old timers had an
+            // hour to run).
+            let start = Instant::now();
+            ctl.update_rate_limiters(Some(no_ops_limit()), Some(no_ops_limit()))
+                .unwrap();
+            assert_eq!(ctl.rate_limiters(), (None, None));
+            assert!(sent(&t2, 5000), "the held frame goes");
+            wait_until("rx 2", || m(&metrics.rx_frames) == 2);
+            assert!(start.elapsed() < Duration::from_secs(5));
+            let mut got = vec![0u8; 812];
+            a.mem.read_slice(&mut got, b2).unwrap();
+            assert_eq!(&got[12..], &r2[..]);
+            wait_until("tx used", || m(&metrics.tx_frames) == 2);
+            assert_eq!(a.txd.take_used().len(), 1);
+            assert_eq!(a.rxd.take_used().len(), 2);
+            // Unlimited now.
+            for i in 0..5 {
+                let f = test_frame(10 + i, 100);
+                a.send(&f);
+                assert!(sent(&f, 5000));
+            }
+            assert!(!a.health.is_broken());
+
+            // After a reset: stored directly (no worker is asked, so 1 ms is time enough),
+            // and the next activation uses it.
+            dev.reset();
+            ctl.clone()
+                .with_timeout(Duration::from_millis(1))
+                .update_rate_limiters(None, Some(ops_per_hour(1)))
+                .unwrap();
+            assert_eq!(ctl.rate_limiters(), (None, Some(ops_per_hour(1))));
+            let throttled = m(&metrics.tx_throttled);
+            let mut a = Activated::new(&mut dev);
+            let (t3, t4) = (test_frame(20, 500), test_frame(21, 600));
+            a.send(&t3);
+            a.send(&t4);
+            assert!(sent(&t3, 5000));
+            wait_until("tx throttled", || m(&metrics.tx_throttled) > throttled);
+            assert!(!sent(&t4, 200));
+            assert!(!a.health.is_broken());
+            dev.reset();
+        },
+    );
 }

@@ -20,6 +20,12 @@
 //!
 //! A malformed chain costs only its own frame: it goes back to the guest with a used length
 //! of 0 and is counted; the thread goes on.
+//!
+//! A worker started by [`Net`](super::Net) also waits on the control eventfd: a
+//! [`NetControl`](super::NetControl) left a rate limiter change in the mailbox. The worker
+//! makes it, moves its epoll set from the old timers to the new ones, and retries at once
+//! what a limiter held back (the pending frame, the transmit ring). When it stops, it gives
+//! its limiters back to the device.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +34,7 @@ use std::sync::Arc;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::control::{Limiters, Shared};
 use super::stream::MAX_STREAM_FRAME;
 use super::tap::VNET_HDR_LEN;
 use super::{Backend, NetMetrics};
@@ -50,6 +57,7 @@ const TAP_TOKEN: u32 = 2;
 const RX_LIMITER_TOKEN: u32 = 3;
 const TX_LIMITER_TOKEN: u32 = 4;
 const STREAM_WRITABLE_TOKEN: u32 = 5;
+const COMMAND_TOKEN: u32 = 6;
 
 /// What the worker needs beyond the base list, for the limiters' timerfds and, over a
 /// stream, its recv and sendmsg.
@@ -167,8 +175,10 @@ pub struct NetWorker {
     tx: ActiveQueue,
     backend: Arc<Backend>,
     interrupt: Arc<dyn VirtioInterrupt>,
-    rx_limiter: Option<RateLimiter>,
-    tx_limiter: Option<RateLimiter>,
+    limiters: Limiters,
+    /// Where rate limiter changes come from and the limiters go back to (a worker started
+    /// by [`Net`](super::Net)).
+    control: Option<Arc<Shared>>,
     mergeable: bool,
     metrics: Arc<NetMetrics>,
     rx_buf: Vec<u8>,
@@ -200,8 +210,11 @@ impl NetWorker {
             tx,
             backend,
             interrupt,
-            rx_limiter,
-            tx_limiter,
+            limiters: Limiters {
+                rx: rx_limiter,
+                tx: tx_limiter,
+            },
+            control: None,
             mergeable,
             metrics,
             rx_buf: vec![0; MAX_RX_FRAME],
@@ -209,6 +222,13 @@ impl NetWorker {
             reading_tap: true,
             tx_buf: vec![0; MAX_TX_FRAME],
         }
+    }
+
+    /// The same worker, taking rate limiter changes from `shared` and giving its limiters
+    /// back to it when dropped.
+    pub(crate) fn with_control(mut self, shared: Arc<Shared>) -> Self {
+        self.control = Some(shared);
+        self
     }
 
     /// Whether the worker waits on the backend for frames (false while a frame waits for
@@ -386,7 +406,7 @@ impl NetWorker {
             }
             return Ok(Rx::Wait);
         }
-        if let Some(l) = self.rx_limiter.as_mut() {
+        if let Some(l) = self.limiters.rx.as_mut() {
             let bytes = (len - VNET_HDR_LEN) as u64;
             let ok = if !l.consume(1, TokenType::Ops) {
                 false
@@ -435,6 +455,26 @@ impl NetWorker {
         Ok(Rx::Done)
     }
 
+    /// Makes the rate limiter change a control call left in the mailbox, if any, moves the
+    /// epoll set to the new timers before the old ones close, and retries what the old
+    /// limiters held back.
+    fn take_command(&mut self, sources: &Sources<'_>) -> Result<(), String> {
+        let Some(shared) = self.control.clone() else {
+            return Ok(());
+        };
+        shared.clear_command_event();
+        let Some(taken) = shared.take_command(&mut self.limiters) else {
+            return Ok(());
+        };
+        move_source(sources, taken.before.0, taken.after.0, RX_LIMITER_TOKEN)?;
+        move_source(sources, taken.before.1, taken.after.1, TX_LIMITER_TOKEN)?;
+        // Closes the timers of the limiters that were replaced or removed.
+        drop(taken.retired);
+        // A frame held back under the old buckets goes now if the new ones let it.
+        self.process_rx(sources)?;
+        self.process_tx()
+    }
+
     fn rewind_rx(&mut self, n: u16) {
         for _ in 0..n {
             self.rx.queue.go_to_previous_position();
@@ -456,7 +496,7 @@ impl NetWorker {
             }
             while let Some(chain) = self.tx.queue.pop_descriptor_chain(&self.mem) {
                 let head = chain.head_index();
-                if let Some(l) = self.tx_limiter.as_mut() {
+                if let Some(l) = self.limiters.tx.as_mut() {
                     let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
                     let bytes = bytes
                         .min(MAX_TX_FRAME as u64)
@@ -558,11 +598,14 @@ impl DeviceWorker for NetWorker {
         if let Backend::Stream(stream) = &*self.backend {
             s.push((stream.writable_fd(), STREAM_WRITABLE_TOKEN));
         }
-        if let Some(l) = &self.rx_limiter {
+        if let Some(l) = &self.limiters.rx {
             s.push((l.as_raw_fd(), RX_LIMITER_TOKEN));
         }
-        if let Some(l) = &self.tx_limiter {
+        if let Some(l) = &self.limiters.tx {
             s.push((l.as_raw_fd(), TX_LIMITER_TOKEN));
+        }
+        if let Some(c) = &self.control {
+            s.push((c.command_fd(), COMMAND_TOKEN));
         }
         s
     }
@@ -584,7 +627,7 @@ impl DeviceWorker for NetWorker {
             TAP_TOKEN => self.process_rx(sources),
             STREAM_WRITABLE_TOKEN => self.process_tx(),
             RX_LIMITER_TOKEN => {
-                if let Some(l) = &mut self.rx_limiter {
+                if let Some(l) = &mut self.limiters.rx {
                     if let Err(e) = l.event_handler() {
                         log::debug!("virtio-net: rx limiter: {e}");
                     }
@@ -592,14 +635,46 @@ impl DeviceWorker for NetWorker {
                 self.process_rx(sources)
             }
             TX_LIMITER_TOKEN => {
-                if let Some(l) = &mut self.tx_limiter {
+                if let Some(l) = &mut self.limiters.tx {
                     if let Err(e) = l.event_handler() {
                         log::debug!("virtio-net: tx limiter: {e}");
                     }
                 }
                 self.process_tx()
             }
+            COMMAND_TOKEN => self.take_command(sources),
             _ => Ok(()),
+        }
+    }
+}
+
+/// Moves the source of `token` from `before` to `after` (either may be none).
+fn move_source(
+    sources: &Sources<'_>,
+    before: Option<RawFd>,
+    after: Option<RawFd>,
+    token: u32,
+) -> Result<(), String> {
+    if before == after {
+        return Ok(());
+    }
+    if let Some(fd) = before {
+        if let Err(e) = sources.remove(fd) {
+            log::debug!("virtio-net: cannot stop watching descriptor {fd}: {e}");
+        }
+    }
+    if let Some(fd) = after {
+        sources
+            .add(fd, token)
+            .map_err(|e| format!("cannot watch the new rate limiter timer {fd}: {e}"))?;
+    }
+    Ok(())
+}
+
+impl Drop for NetWorker {
+    fn drop(&mut self) {
+        if let Some(shared) = self.control.take() {
+            shared.give_back(std::mem::take(&mut self.limiters));
         }
     }
 }
