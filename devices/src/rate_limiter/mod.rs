@@ -247,6 +247,30 @@ impl RateLimiter {
         self.armed_for = None;
     }
 
+    /// Applies `update` to the limiter in `slot` (Firecracker's semantics, see
+    /// [`update_buckets`](Self::update_buckets)), retrying at once whatever it held back, or
+    /// installs `fresh` (made from `update` on the caller's thread) when there is none. A
+    /// limiter left without buckets leaves the slot. What is no longer used goes to `retired`,
+    /// to be dropped once its timer is out of the caller's epoll set.
+    pub fn apply_update(
+        slot: &mut Option<RateLimiter>,
+        update: &RateLimiterConfig,
+        fresh: Option<RateLimiter>,
+        retired: &mut Vec<RateLimiter>,
+    ) {
+        match slot.as_mut() {
+            Some(l) => {
+                l.update_buckets(update);
+                l.unblock();
+                if l.is_unlimited() && !l.is_blocked() {
+                    retired.extend(slot.take());
+                }
+                retired.extend(fresh);
+            }
+            None => *slot = fresh,
+        }
+    }
+
     /// The buckets as configured now (absent when disabled).
     pub fn config(&self) -> RateLimiterConfig {
         RateLimiterConfig {

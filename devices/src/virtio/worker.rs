@@ -67,6 +67,30 @@ impl Sources<'_> {
         Ok(())
     }
 
+    /// Moves `token` from the descriptor `before` to `after` (either may be absent: a limiter
+    /// created or removed); nothing when they are the same. Call it before `before` is
+    /// closed.
+    pub fn replace(
+        &self,
+        before: Option<RawFd>,
+        after: Option<RawFd>,
+        token: u32,
+    ) -> Result<(), String> {
+        if before == after {
+            return Ok(());
+        }
+        if let Some(fd) = before {
+            if let Err(e) = self.remove(fd) {
+                log::debug!("device thread: cannot stop watching descriptor {fd}: {e}");
+            }
+        }
+        if let Some(fd) = after {
+            self.add(fd, token)
+                .map_err(|e| format!("cannot watch the new descriptor {fd}: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Stops waiting on `fd`; call it before `fd` is closed. Events of `fd` that were already
     /// collected may still reach the worker once, with the token `fd` had.
     pub fn remove(&self, fd: RawFd) -> std::io::Result<()> {

@@ -222,18 +222,12 @@ impl Shared {
                 live.generation = live.generation.wrapping_add(1);
             }
             Command::Limiter { update, fresh } => {
-                match state.limiter.as_mut() {
-                    Some(l) => {
-                        l.update_buckets(&update);
-                        // A request held back under the old buckets is retried now.
-                        l.unblock();
-                        if l.is_unlimited() && !l.is_blocked() {
-                            retired._limiters.extend(state.limiter.take());
-                        }
-                        retired._limiters.extend(fresh.map(|l| *l));
-                    }
-                    None => state.limiter = fresh.map(|l| *l),
-                }
+                RateLimiter::apply_update(
+                    &mut state.limiter,
+                    &update,
+                    fresh.map(|l| *l),
+                    &mut retired._limiters,
+                );
                 let config = state.limiter.as_ref().map(RateLimiter::config);
                 log::info!("virtio-blk: rate limiter now {config:?}");
                 lock(&self.live).rate_limiter = config;

@@ -225,13 +225,8 @@ impl BlockWorker {
         else {
             return Ok(());
         };
-        move_source(sources, before.limiter, after.limiter, LIMITER_TOKEN)?;
-        move_source(
-            sources,
-            before.completion,
-            after.completion,
-            COMPLETION_TOKEN,
-        )?;
+        sources.replace(before.limiter, after.limiter, LIMITER_TOKEN)?;
+        sources.replace(before.completion, after.completion, COMPLETION_TOKEN)?;
         // Closes the old files, the old ring (with nothing in flight) or the old timer.
         drop(retired);
         raised
@@ -251,29 +246,6 @@ impl BlockWorker {
         }
         Ok(())
     }
-}
-
-/// Moves the source of `token` from `before` to `after` (either may be none).
-fn move_source(
-    sources: &Sources<'_>,
-    before: Option<std::os::fd::RawFd>,
-    after: Option<std::os::fd::RawFd>,
-    token: u32,
-) -> Result<(), String> {
-    if before == after {
-        return Ok(());
-    }
-    if let Some(fd) = before {
-        if let Err(e) = sources.remove(fd) {
-            log::debug!("virtio-blk: cannot stop watching descriptor {fd}: {e}");
-        }
-    }
-    if let Some(fd) = after {
-        sources
-            .add(fd, token)
-            .map_err(|e| format!("cannot watch the new descriptor {fd}: {e}"))?;
-    }
-    Ok(())
 }
 
 /// Writes `c`'s status byte, puts its chain in the used ring and counts it.

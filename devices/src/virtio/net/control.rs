@@ -105,18 +105,7 @@ impl Change {
     /// Makes the change on `slot`, with Firecracker's semantics (see
     /// [`RateLimiter::update_buckets`]); what it replaced goes to `retired`.
     fn apply(self, slot: &mut Option<RateLimiter>, retired: &mut Vec<RateLimiter>) {
-        match slot.as_mut() {
-            Some(l) => {
-                l.update_buckets(&self.update);
-                // A frame held back under the old buckets is retried under the new ones now.
-                l.unblock();
-                if l.is_unlimited() && !l.is_blocked() {
-                    retired.extend(slot.take());
-                }
-                retired.extend(self.fresh);
-            }
-            None => *slot = self.fresh,
-        }
+        RateLimiter::apply_update(slot, &self.update, self.fresh, retired);
     }
 }
 

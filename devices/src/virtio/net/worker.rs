@@ -466,8 +466,8 @@ impl NetWorker {
         let Some(taken) = shared.take_command(&mut self.limiters) else {
             return Ok(());
         };
-        move_source(sources, taken.before.0, taken.after.0, RX_LIMITER_TOKEN)?;
-        move_source(sources, taken.before.1, taken.after.1, TX_LIMITER_TOKEN)?;
+        sources.replace(taken.before.0, taken.after.0, RX_LIMITER_TOKEN)?;
+        sources.replace(taken.before.1, taken.after.1, TX_LIMITER_TOKEN)?;
         // Closes the timers of the limiters that were replaced or removed.
         drop(taken.retired);
         // A frame held back under the old buckets goes now if the new ones let it.
@@ -646,29 +646,6 @@ impl DeviceWorker for NetWorker {
             _ => Ok(()),
         }
     }
-}
-
-/// Moves the source of `token` from `before` to `after` (either may be none).
-fn move_source(
-    sources: &Sources<'_>,
-    before: Option<RawFd>,
-    after: Option<RawFd>,
-    token: u32,
-) -> Result<(), String> {
-    if before == after {
-        return Ok(());
-    }
-    if let Some(fd) = before {
-        if let Err(e) = sources.remove(fd) {
-            log::debug!("virtio-net: cannot stop watching descriptor {fd}: {e}");
-        }
-    }
-    if let Some(fd) = after {
-        sources
-            .add(fd, token)
-            .map_err(|e| format!("cannot watch the new rate limiter timer {fd}: {e}"))?;
-    }
-    Ok(())
 }
 
 impl Drop for NetWorker {
