@@ -77,6 +77,11 @@ fn every_endpoint_answers_success_and_names_each_error_before_the_start() {
     let log = d.join("cgvm.log");
     let metrics = d.join("metrics.json");
     let console = d.join("console.txt");
+    let uds = d.join("v.sock");
+    let vsock = format!(
+        r#"{{"guest_cid": 7, "uds_path": "{}", "vsock_id": "vsock0"}}"#,
+        uds.display()
+    );
     let s = Served::serve(&d, &[]);
     let probe = probe_elf().display().to_string();
     let boot = format!(r#"{{"kernel_image_path": "{probe}", "boot_args": "probe.tests=boot"}}"#);
@@ -371,21 +376,94 @@ fn every_endpoint_answers_success_and_names_each_error_before_the_start() {
             204,
             &[],
         ),
-        // Features cgvm does not have (yet), named.
+        // Network interfaces: each problem named (the successes, which need a tap, are in
+        // tests/api_net_vsock.rs).
         case(
             "PUT",
             "/network-interfaces/eth0",
-            Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#),
+            Some(
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00:zz"}"#,
+            ),
             400,
-            &["virtio-net", "not available yet"],
+            &["network interface eth0", "guest_mac", "02:00:00:00:00:zz"],
+        ),
+        case(
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "01:00:5e:00:00:01"}"#,
+            ),
+            400,
+            &["guest_mac", "multicast"],
+        ),
+        case(
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(r#"{"iface_id": "eth0", "host_dev_name": "a/b"}"#),
+            400,
+            &["host_dev_name 'a/b'"],
+        ),
+        case(
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 1500}"#),
+            400,
+            &["mtu 1500", "VIRTIO_NET_F_MTU"],
+        ),
+        case(
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(r#"{"iface_id": "eth0"}"#),
+            400,
+            &["host_dev_name"],
+        ),
+        case(
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(r#"{"iface_id": "eth1", "host_dev_name": "tap0"}"#),
+            400,
+            &["[eth0]", "[eth1]"],
+        ),
+        case(
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "allow_mmds_requests": true}"#),
+            400,
+            &["allow_mmds_requests"],
+        ),
+        case(
+            "PATCH",
+            "/network-interfaces/eth0",
+            Some(
+                r#"{"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#,
+            ),
+            400,
+            &["before starting"],
+        ),
+        // vsock
+        case(
+            "PUT",
+            "/vsock",
+            Some(r#"{"guest_cid": 2, "uds_path": "/tmp/v.sock"}"#),
+            400,
+            &["guest_cid 2"],
         ),
         case(
             "PUT",
             "/vsock",
-            Some(r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#),
+            Some(r#"{"guest_cid": 3}"#),
             400,
-            &["vsock", "not available yet"],
+            &["uds_path"],
         ),
+        case(
+            "PUT",
+            "/vsock",
+            Some(r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock", "cid": 3}"#),
+            400,
+            &["`cid`"],
+        ),
+        case("PUT", "/vsock", Some(&vsock), 204, &[]),
+        // Features cgvm does not have, named.
         case(
             "PUT",
             "/balloon",
@@ -427,6 +505,12 @@ fn every_endpoint_answers_success_and_names_each_error_before_the_start() {
     assert_eq!(v["drives"][0]["drive_id"], "rootfs");
     assert_eq!(v["boot-source"]["kernel_image_path"], probe.as_str());
     assert_eq!(v["entropy"]["rate_limiter"]["bandwidth"]["size"], 4096);
+    // Nothing refused was kept; the vsock is reported without the deprecated id.
+    assert_eq!(v["network-interfaces"], serde_json::json!([]), "{}", a.body);
+    assert_eq!(
+        v["vsock"],
+        serde_json::json!({"guest_cid": 7, "uds_path": uds.display().to_string()})
+    );
     // FlushMetrics wrote a line with the instance id.
     let m = std::fs::read_to_string(&metrics).expect("metrics");
     let line: serde_json::Value =
@@ -482,6 +566,14 @@ fn every_endpoint_answers_success_and_names_each_error_before_the_start() {
         console_text.contains("probe: 1 passed, 0 failed"),
         "{console_text}"
     );
+    assert!(
+        text.contains(&format!(
+            "vsock: guest CID 7, host socket {}",
+            uds.display()
+        )),
+        "{text}"
+    );
+    assert!(!uds.exists(), "the vsock socket was left behind");
 }
 
 #[test]
@@ -584,6 +676,29 @@ fn after_the_start_pre_boot_requests_are_refused_and_drives_can_change() {
         ),
         case("PUT", "/entropy", Some("{}"), 400, after),
         case("PUT", "/serial", Some("{}"), 400, after),
+        case(
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#),
+            400,
+            after,
+        ),
+        case(
+            "PUT",
+            "/vsock",
+            Some(r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#),
+            400,
+            after,
+        ),
+        case(
+            "PATCH",
+            "/network-interfaces/eth0",
+            Some(
+                r#"{"iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#,
+            ),
+            400,
+            &["network interface eth0", "no such network interface"],
+        ),
         case(
             "PATCH",
             "/drives/nosuch",

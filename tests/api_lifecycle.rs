@@ -355,8 +355,18 @@ fn a_bad_config_file_is_refused_before_anything_starts() {
         (r#""smt": false"#, r#""smt": false, "bogus": 1"#, "bogus"),
         (
             r#""vsock": null"#,
-            r#""vsock": {"guest_cid": 3, "uds_path": "/v"}"#,
-            "vsock",
+            r#""vsock": {"guest_cid": 2, "uds_path": "/v"}"#,
+            "guest_cid 2",
+        ),
+        (
+            r#""network-interfaces": []"#,
+            r#""network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00"}]"#,
+            "guest_mac",
+        ),
+        (
+            r#""network-interfaces": []"#,
+            r#""network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 9000}]"#,
+            "mtu",
         ),
     ] {
         assert!(text.contains(from), "{from}");

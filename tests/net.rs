@@ -351,7 +351,7 @@ fn tap_problems_are_named_before_the_guest_starts() {
         (
             "tap:much-too-long-name",
             &[],
-            "tap 'much-too-long-name': an interface name is 1 to 15 bytes",
+            "tap 'much-too-long-name': not a valid interface name: longer than 15 bytes",
         ),
         (
             "tap:t,mac=01:00:5e:00:00:01",

@@ -9,9 +9,9 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use vmm::resources::{
-    check_drive_id, not_available, ActionType, BootSource, Drive, EntropyDevice,
+    check_drive_id, check_iface_id, not_available, ActionType, BootSource, Drive, EntropyDevice,
     InstanceActionInfo, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    PartialDrive, SerialConfig, VmState,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, SerialConfig, VmState, Vsock,
 };
 use vmm::rpc::{SendError, VmmAction, VmmData, VmmResponse};
 
@@ -60,16 +60,12 @@ pub const ROUTES: &[RouteSpec] = &[
     supported("/vm", &["PATCH"]),
     supported("/boot-source", &["PUT"]),
     supported("/drives/{drive_id}", &["PUT", "PATCH"]),
+    supported("/network-interfaces/{iface_id}", &["PUT", "PATCH"]),
+    supported("/vsock", &["PUT"]),
     supported("/entropy", &["PUT"]),
     supported("/logger", &["PUT"]),
     supported("/metrics", &["PUT"]),
     supported("/serial", &["PUT"]),
-    missing(
-        "/network-interfaces/{iface_id}",
-        &["PUT", "PATCH"],
-        "network-interfaces",
-    ),
-    missing("/vsock", &["PUT"], "vsock"),
     missing("/balloon", &["GET", "PUT", "PATCH"], "balloon"),
     missing("/balloon/statistics", &["GET", "PATCH"], "balloon"),
     missing("/balloon/hinting/start", &["PATCH"], "balloon"),
@@ -250,18 +246,26 @@ fn route_supported(
                 let body_id = d.drive_id.clone();
                 (VmmAction::PatchDrive(d), body_id)
             };
-            if body_id != id {
-                return Err(bad(
-                    method,
-                    path,
-                    format!(
-                        "The id from the path [{id}] does not match the id from the body \
-                         [{body_id}]!"
-                    ),
-                ));
-            }
+            check_ids(method, path, id, &body_id)?;
             action
         }
+        ("PUT" | "PATCH", "/network-interfaces/{iface_id}") => {
+            let id = params.first().copied().unwrap_or_default();
+            check_iface_id(id).map_err(|e| bad(method, path, e))?;
+            let (action, body_id) = if method == "PUT" {
+                let n: NetworkInterface = body(method, path, "NetworkInterface", payload)?;
+                let body_id = n.iface_id.clone();
+                (VmmAction::PutNetworkInterface(n), body_id)
+            } else {
+                let n: PartialNetworkInterface =
+                    body(method, path, "PartialNetworkInterface", payload)?;
+                let body_id = n.iface_id.clone();
+                (VmmAction::PatchNetworkInterface(n), body_id)
+            };
+            check_ids(method, path, id, &body_id)?;
+            action
+        }
+        ("PUT", "/vsock") => VmmAction::PutVsock(body::<Vsock>(method, path, "Vsock", payload)?),
         ("PUT", "/entropy") => VmmAction::PutEntropy(body::<EntropyDevice>(
             method,
             path,
@@ -287,6 +291,18 @@ fn route_supported(
         }
     };
     Ok(Routed::Vmm(action))
+}
+
+/// Firecracker's check that the id in the path is the id in the body.
+fn check_ids(method: &str, path: &str, id: &str, body_id: &str) -> Result<(), Response> {
+    if body_id != id {
+        return Err(bad(
+            method,
+            path,
+            format!("The id from the path [{id}] does not match the id from the body [{body_id}]!"),
+        ));
+    }
+    Ok(())
 }
 
 /// The HTTP answer for what the VMM thread said (or why it could not be asked).
@@ -393,6 +409,38 @@ mod tests {
             ),
             VmmAction::PatchDrive(d) if d.drive_id == "rootfs"
         ));
+        assert!(matches!(
+            action(
+                "PUT",
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"02:00:00:00:00:01"}"#
+            ),
+            VmmAction::PutNetworkInterface(n)
+                if n.iface_id == "eth0" && n.host_dev_name == "tap0"
+                    && n.guest_mac.as_deref() == Some("02:00:00:00:00:01")
+        ));
+        assert!(matches!(
+            action(
+                "PATCH",
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth0","tx_rate_limiter":{"ops":{"size":10,"refill_time":100}}}"#
+            ),
+            VmmAction::PatchNetworkInterface(n)
+                if n.iface_id == "eth0" && n.rx_rate_limiter.is_none()
+                    && n.tx_rate_limiter.is_some_and(|t| t.ops.is_some_and(|o| o.size == 10))
+        ));
+        assert_eq!(
+            action(
+                "PUT",
+                "/vsock",
+                r#"{"guest_cid":3,"uds_path":"/v.sock","vsock_id":"vsock0"}"#
+            ),
+            VmmAction::PutVsock(Vsock {
+                guest_cid: 3,
+                uds_path: "/v.sock".into(),
+                vsock_id: Some("vsock0".into()),
+            })
+        );
         assert_eq!(
             action("PUT", "/entropy", "{}"),
             VmmAction::PutEntropy(EntropyDevice::default())
@@ -500,11 +548,79 @@ mod tests {
     }
 
     #[test]
+    fn iface_ids_are_checked_against_the_path_and_bodies_name_their_fields() {
+        let (s, m) = reply(
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth1","host_dev_name":"tap0"}"#,
+        );
+        assert_eq!(s, 400);
+        assert!(
+            m.ends_with("The id from the path [eth0] does not match the id from the body [eth1]!"),
+            "{m}"
+        );
+        let (s, m) = reply("PATCH", "/network-interfaces/a", r#"{"iface_id":"b"}"#);
+        assert_eq!(s, 400);
+        assert!(m.contains("[a]") && m.contains("[b]"), "{m}");
+        for bad_id in ["", "a%20b", "a.b", &"x".repeat(65)] {
+            let (s, m) = reply(
+                "PUT",
+                &format!("/network-interfaces/{bad_id}"),
+                r#"{"iface_id":"x","host_dev_name":"tap0"}"#,
+            );
+            assert_eq!(s, 400, "{bad_id}");
+            assert!(m.contains("iface_id"), "{m}");
+        }
+        for (method, path, payload, words) in [
+            (
+                "PUT",
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth0"}"#,
+                &["missing field `host_dev_name`"][..],
+            ),
+            (
+                "PUT",
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth0","host_dev_name":"t","allow_mmds_requests":true}"#,
+                &["unknown field `allow_mmds_requests`"],
+            ),
+            (
+                "PATCH",
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth0","rx_rate_limiter":{"bandwidth":{"size":"x","refill_time":1}}}"#,
+                &["rx_rate_limiter.bandwidth.size: invalid type"],
+            ),
+            (
+                "PATCH",
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth0","host_dev_name":"tap1"}"#,
+                &["unknown field `host_dev_name`"],
+            ),
+            (
+                "PUT",
+                "/vsock",
+                r#"{"guest_cid":3}"#,
+                &["missing field `uds_path`"],
+            ),
+            (
+                "PUT",
+                "/vsock",
+                r#"{"guest_cid":-3,"uds_path":"/v"}"#,
+                &["guest_cid: invalid value"],
+            ),
+            ("PUT", "/vsock", "", &["PUT /vsock:", "needs a JSON body"]),
+        ] {
+            let (s, m) = reply(method, path, payload);
+            assert_eq!(s, 400, "{m}");
+            for w in words {
+                assert!(m.contains(w), "{m:?} lacks {w:?}");
+            }
+        }
+    }
+
+    #[test]
     fn unsupported_paths_say_what_is_missing() {
         for (m, p, word) in [
-            ("PUT", "/network-interfaces/eth0", "virtio-net"),
-            ("PATCH", "/network-interfaces/eth0", "virtio-net"),
-            ("PUT", "/vsock", "vsock"),
             ("GET", "/balloon", "balloon"),
             ("GET", "/balloon/statistics", "balloon"),
             ("PATCH", "/balloon/hinting/start", "balloon"),

@@ -369,28 +369,76 @@ const CASES: &[Case] = &[
         400,
         &["drive_id 'bad.id'"],
     ),
-    // Unsupported Firecracker features.
+    // Network interfaces and vsock.
     case(
         "PUT",
         "/network-interfaces/eth0",
-        Some(r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#),
-        400,
-        &["virtio-net", "not available yet"],
+        Some(r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"02:00:00:00:00:01"}"#),
+        204,
+        &[],
     ),
     case(
         "PATCH",
         "/network-interfaces/eth0",
-        Some(r#"{"iface_id":"eth0"}"#),
-        400,
-        &["virtio-net"],
+        Some(
+            r#"{"iface_id":"eth0","tx_rate_limiter":{"bandwidth":{"size":1000,"refill_time":10}}}"#,
+        ),
+        204,
+        &[],
     ),
     case(
         "PUT",
         "/vsock",
-        Some(r#"{"guest_cid":3,"uds_path":"/v"}"#),
-        400,
-        &["vsock", "not available yet"],
+        Some(r#"{"guest_cid":3,"uds_path":"/v.sock","vsock_id":"vsock0"}"#),
+        204,
+        &[],
     ),
+    case(
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id":"eth1","host_dev_name":"tap0"}"#),
+        400,
+        &["The id from the path [eth0] does not match the id from the body [eth1]!"],
+    ),
+    case(
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id":"eth0"}"#),
+        400,
+        &[
+            "PUT /network-interfaces/eth0:",
+            "missing field `host_dev_name`",
+        ],
+    ),
+    case(
+        "PUT",
+        "/network-interfaces/bad.id",
+        Some(r#"{"iface_id":"bad.id","host_dev_name":"tap0"}"#),
+        400,
+        &["iface_id 'bad.id'"],
+    ),
+    case(
+        "PATCH",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id":"eth0","rx_rate_limiter":{"ops":{"size":1}}}"#),
+        400,
+        &["rx_rate_limiter.ops: missing field `refill_time`"],
+    ),
+    case(
+        "PUT",
+        "/vsock",
+        Some(r#"{"guest_cid":"3","uds_path":"/v.sock"}"#),
+        400,
+        &["PUT /vsock:", "guest_cid: invalid type"],
+    ),
+    case(
+        "PUT",
+        "/vsock",
+        Some(r#"{"uds_path":"/v.sock"}"#),
+        400,
+        &["missing field `guest_cid`"],
+    ),
+    // Unsupported Firecracker features.
     case("GET", "/balloon", None, 400, &["balloon"]),
     case(
         "PUT",
@@ -514,7 +562,8 @@ fn every_endpoint_answers_as_described() {
         1000
     );
     assert_eq!(c["machine-config"]["vcpu_count"], 2);
-    assert_eq!(c["network-interfaces"], serde_json::json!([]));
+    assert_eq!(c["network-interfaces"][0]["host_dev_name"], "tap0");
+    assert_eq!(c["vsock"]["guest_cid"], 3);
 }
 
 /// Sends raw bytes on a new connection; returns the one answer and whether the server closed.

@@ -199,6 +199,24 @@ impl Served {
         Self::start_with(Path::new(env!("CARGO_BIN_EXE_cgvm")), &args, dir, &sock)
     }
 
+    /// `cgvm serve --api-sock DIR/api.sock` plus `extra`, run in the network namespace `ns`
+    /// (`ip netns exec`, which execs cgvm: the process is cgvm itself). The socket is a path,
+    /// so the test reaches it from its own namespace.
+    pub fn serve_in_netns(ns: &str, dir: &Path, extra: &[&str]) -> Self {
+        let sock = dir.join("api.sock");
+        let mut args = vec![
+            "netns",
+            "exec",
+            ns,
+            env!("CARGO_BIN_EXE_cgvm"),
+            "serve",
+            "--api-sock",
+            sock.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        Self::start_with(Path::new("ip"), &args, dir, &sock)
+    }
+
     /// A new client connection.
     pub fn client(&self) -> Client {
         Client::connect(&self.sock).expect("connect to the API socket")

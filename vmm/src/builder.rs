@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{BlockEngine, ConfigError, ConsoleConfig, NetBackend, VmConfig};
 use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::metrics::Metrics;
-use crate::runner::{ConsoleInput, DriveHandle, Vmm, VmmParts};
+use crate::runner::{ConsoleInput, DriveHandle, NetHandle, Vmm, VmmParts};
 use crate::timeline::Timeline;
 use crate::vstate::vcpu::{self, BootEntry, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
@@ -260,6 +260,8 @@ pub fn build(
         virtio.add(&vm, mem, &mut mmio, Box::new(block))?;
     }
     *metrics.blocks.lock().unwrap_or_else(|e| e.into_inner()) = block_metrics;
+    // The other sections are this build's devices only (an earlier, failed build's are gone).
+    lock(&metrics.extra).clear();
     if config.rng {
         let rng = devices::virtio::rng::Rng::new(config.rng_rate_limiter);
         let m = rng.metrics();
@@ -287,6 +289,7 @@ pub fn build(
     // Network interfaces. passt processes live as long as the machine: dropping them (when
     // the build fails from here on, or when the Vmm ends) kills them.
     let mut passts = Vec::new();
+    let mut nets = Vec::with_capacity(config.nets.len());
     for (net, id) in config.nets.iter().zip(config.net_ids()) {
         let backend = match &net.backend {
             NetBackend::Tap { name } => {
@@ -323,6 +326,10 @@ pub fn build(
             format!("net_{id}"),
             Box::new(move || crate::metrics::net_json(&m)),
         ));
+        nets.push(NetHandle {
+            id: id.clone(),
+            control: dev.control(),
+        });
         virtio.add(&vm, mem, &mut mmio, Box::new(dev))?;
     }
 
@@ -408,6 +415,7 @@ pub fn build(
         console_input,
         i8042,
         drives,
+        nets,
         passts,
     }))
 }

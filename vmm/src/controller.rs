@@ -1,7 +1,7 @@
 //! The VMM thread's side of the API: it owns the [`VmResources`] being described, answers
 //! every [`VmmAction`] as soon as it is read, starts the machine on `InstanceStart` (or at
 //! once, from a config file) and then drives the running machine: pause, resume,
-//! Ctrl+Alt+Del, drive updates, metrics.
+//! Ctrl+Alt+Del, drive and network rate-limiter updates, metrics.
 //!
 //! Before the start it runs its own small poll loop (API eventfd, exit signals, metrics
 //! timer); after, the [`Vmm`](crate::runner::Vmm) event loop calls it for the same events.
@@ -241,6 +241,8 @@ impl Controller {
             | VmmAction::PatchMachineConfig(_)
             | VmmAction::PutBootSource(_)
             | VmmAction::PutDrive(_)
+            | VmmAction::PutNetworkInterface(_)
+            | VmmAction::PutVsock(_)
             | VmmAction::PutEntropy(_)
             | VmmAction::PutSerial(_)
             | VmmAction::StartInstance
@@ -268,6 +270,16 @@ impl Controller {
                 .insert_drive(d.clone())
                 .map(|()| VmmData::Empty)
                 .map_err(action_error),
+            VmmAction::PutNetworkInterface(n) => self
+                .resources
+                .insert_net_iface(n.clone())
+                .map(|()| VmmData::Empty)
+                .map_err(action_error),
+            VmmAction::PutVsock(v) => self
+                .resources
+                .set_vsock(v.clone())
+                .map(|()| VmmData::Empty)
+                .map_err(action_error),
             VmmAction::PutEntropy(e) => self
                 .resources
                 .set_entropy(e.clone())
@@ -278,7 +290,10 @@ impl Controller {
                 .set_serial(s.clone())
                 .map(|()| VmmData::Empty)
                 .map_err(action_error),
-            VmmAction::SendCtrlAltDel | VmmAction::SetVmState(_) | VmmAction::PatchDrive(_)
+            VmmAction::SendCtrlAltDel
+            | VmmAction::SetVmState(_)
+            | VmmAction::PatchDrive(_)
+            | VmmAction::PatchNetworkInterface(_)
                 if !started =>
             {
                 Err(VmmActionError::new(MSG_BEFORE_START))
@@ -286,7 +301,8 @@ impl Controller {
             VmmAction::StartInstance
             | VmmAction::SendCtrlAltDel
             | VmmAction::SetVmState(_)
-            | VmmAction::PatchDrive(_) => return None,
+            | VmmAction::PatchDrive(_)
+            | VmmAction::PatchNetworkInterface(_) => return None,
         })
     }
 
@@ -398,6 +414,20 @@ impl Controller {
                     if let Some(rl) = p.rate_limiter {
                         d.rate_limiter = Some(rl);
                     }
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchNetworkInterface(p) => {
+                let (rx, tx) = vm.patch_net(p)?;
+                // GET /vm/config reports the limits in force, as Firecracker does.
+                if let Some(n) = self
+                    .resources
+                    .net_ifaces
+                    .iter_mut()
+                    .find(|n| n.iface_id == p.iface_id)
+                {
+                    n.rx_rate_limiter = rx;
+                    n.tx_rate_limiter = tx;
                 }
                 Ok(VmmData::Empty)
             }

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use devices::rate_limiter::{RateLimiterConfig, TokenBucket};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BlockEngine, ConsoleConfig, DiskConfig, VmConfig, MAX_DISKS, MAX_VCPUS};
+use crate::config::{
+    format_mac, parse_mac, BlockEngine, ConsoleConfig, DiskConfig, NetBackend, NetIfaceConfig,
+    VmConfig, VsockConfig, MAX_DISKS, MAX_NETS, MAX_NET_ID_LEN, MAX_VCPUS,
+};
 
 /// Memory of a machine nobody configured (Firecracker's default).
 pub const DEFAULT_MEM_MIB: u64 = 128;
@@ -208,6 +211,58 @@ pub struct EntropyDevice {
     pub rate_limiter: Option<RateLimiterConfig>,
 }
 
+/// `PUT /network-interfaces/{iface_id}`: a virtio-net device over an existing host tap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// The interface id (also the metrics section `net_<iface_id>`).
+    pub iface_id: String,
+    /// The host tap the device's frames go through; opened at `InstanceStart`.
+    pub host_dev_name: String,
+    /// The guest's MAC address (`aa:bb:cc:dd:ee:ff`); without one the guest picks its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Limits what the guest receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits what the guest sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// The MTU to advertise (VIRTIO_NET_F_MTU; not supported by cgvm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: new rate limiters for a running machine's
+/// interface (Firecracker's semantics: an absent limiter or bucket is left as it is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// The interface id.
+    pub iface_id: String,
+    /// The receive limiter's update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// The transmit limiter's update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `PUT /vsock`: the virtio-vsock device, Firecracker's model (host clients connect to
+/// `uds_path` and write `CONNECT <port>`; guest connections to host port P go to
+/// `<uds_path>_P`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// The guest's context id: 3 or more.
+    pub guest_cid: u32,
+    /// The Unix socket cgvm listens on; created at `InstanceStart`.
+    pub uds_path: PathBuf,
+    /// Deprecated by Firecracker; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
 /// Log levels as Firecracker spells them (case-insensitive on input).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 pub enum LogLevel {
@@ -388,13 +443,12 @@ pub struct FullVmConfiguration {
     /// The metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
-    /// Network interfaces (virtio-net arrives with issue 4 of 6; only an empty list is
-    /// accepted in a config file until then).
+    /// The network interfaces, in guest order.
     #[serde(rename = "network-interfaces", default)]
-    pub network_interfaces: Vec<serde_json::Value>,
-    /// The vsock device (not available yet; must be absent or null).
+    pub network_interfaces: Vec<NetworkInterface>,
+    /// The vsock device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock: Option<serde_json::Value>,
+    pub vsock: Option<Vsock>,
     /// The serial console (a cgvm extension of the config file; the API has `PUT /serial`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
@@ -444,6 +498,10 @@ pub struct VmResources {
     pub logger: Option<LoggerConfig>,
     /// The metrics, as last configured.
     pub metrics: Option<MetricsConfig>,
+    /// Network interfaces in the order given (the guest's eth0, eth1, ...).
+    pub net_ifaces: Vec<NetworkInterface>,
+    /// The vsock device.
+    pub vsock: Option<Vsock>,
 }
 
 fn check_readable(what: &str, p: &Path) -> Result<(), ResourceError> {
@@ -523,7 +581,100 @@ pub fn check_drive_id(id: &str) -> Result<(), ResourceError> {
     Ok(())
 }
 
+/// Checks a network interface id: 1 to 64 bytes of letters, digits, `_` and `-` (it is part
+/// of the API path and of the metrics section's name).
+pub fn check_iface_id(id: &str) -> Result<(), ResourceError> {
+    let ok_chars = id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if id.is_empty() || id.len() > MAX_NET_ID_LEN || !ok_chars {
+        return err(format!(
+            "iface_id '{id}': must be 1 to {MAX_NET_ID_LEN} letters, digits, '_' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// The MAC address of an interface, parsed (a bad one names the interface and the field).
+fn iface_mac(n: &NetworkInterface) -> Result<Option<[u8; 6]>, ResourceError> {
+    n.guest_mac
+        .as_deref()
+        .map(parse_mac)
+        .transpose()
+        .or_else(|e| err(format!("network interface {}: guest_mac: {e}", n.iface_id)))
+}
+
 impl VmResources {
+    /// `PUT /network-interfaces/{id}`: adds the interface, or replaces the one with the same
+    /// id (keeping its place). The tap itself is opened at `InstanceStart`.
+    pub fn insert_net_iface(&mut self, mut n: NetworkInterface) -> Result<(), ResourceError> {
+        check_iface_id(&n.iface_id)?;
+        let id = n.iface_id.clone();
+        if let Some(mtu) = n.mtu {
+            return err(format!(
+                "network interface {id}: mtu {mtu}: cgvm's virtio-net does not offer \
+                 VIRTIO_NET_F_MTU; leave mtu out (the guest then uses its default MTU)"
+            ));
+        }
+        if let Err(reason) = devices::virtio::net::check_tap_name(&n.host_dev_name) {
+            return err(format!(
+                "network interface {id}: host_dev_name '{}': not a valid interface name: \
+                 {reason}",
+                n.host_dev_name
+            ));
+        }
+        let mac = iface_mac(&n)?;
+        // Stored as Firecracker reports it: lower-case hex.
+        n.guest_mac = mac.as_ref().map(format_mac);
+        let existing = self.net_ifaces.iter().position(|x| x.iface_id == id);
+        for other in self.net_ifaces.iter().filter(|x| x.iface_id != id) {
+            if other.host_dev_name == n.host_dev_name {
+                return err(format!(
+                    "network interface {id}: host_dev_name {} is already used by network \
+                     interface {}",
+                    n.host_dev_name, other.iface_id
+                ));
+            }
+            if mac.is_some() && iface_mac(other)? == mac {
+                return err(format!(
+                    "network interface {id}: guest_mac {} is already used by network \
+                     interface {}",
+                    n.guest_mac.as_deref().unwrap_or_default(),
+                    other.iface_id
+                ));
+            }
+        }
+        match existing {
+            Some(i) => self.net_ifaces[i] = n,
+            None if self.net_ifaces.len() >= MAX_NETS => {
+                return err(format!(
+                    "network interface {id}: a machine has at most {MAX_NETS} network interfaces"
+                ))
+            }
+            None => self.net_ifaces.push(n),
+        }
+        Ok(())
+    }
+
+    /// `PUT /vsock`: sets (or replaces) the vsock device. Its socket is created at
+    /// `InstanceStart`, where a missing directory or a path in use is reported.
+    pub fn set_vsock(&mut self, mut v: Vsock) -> Result<(), ResourceError> {
+        if v.guest_cid < 3 || v.guest_cid == u32::MAX {
+            return err(format!(
+                "vsock: guest_cid {}: must be from 3 to {} (0 to 2 are reserved; 2 is the host)",
+                v.guest_cid,
+                u32::MAX - 1
+            ));
+        }
+        if v.uds_path.as_os_str().is_empty() {
+            return err("vsock: uds_path is empty; give the path of the socket to create");
+        }
+        // Deprecated by Firecracker, which does not report it back either.
+        v.vsock_id = None;
+        self.vsock = Some(v);
+        Ok(())
+    }
+
     /// `PUT /boot-source`: the kernel (and initrd) must be readable now.
     pub fn set_boot_source(&mut self, b: BootSource) -> Result<(), ResourceError> {
         check_readable("kernel_image_path", &b.kernel_image_path)?;
@@ -687,6 +838,22 @@ impl VmResources {
                 rate_limiter: d.rate_limiter,
             });
         }
+        let mut nets = Vec::with_capacity(self.net_ifaces.len());
+        for n in &self.net_ifaces {
+            nets.push(NetIfaceConfig {
+                id: Some(n.iface_id.clone()),
+                backend: NetBackend::Tap {
+                    name: n.host_dev_name.clone(),
+                },
+                mac: iface_mac(n)?,
+                rx_rate_limiter: n.rx_rate_limiter,
+                tx_rate_limiter: n.tx_rate_limiter,
+            });
+        }
+        let vsock = self.vsock.as_ref().map(|v| VsockConfig {
+            cid: v.guest_cid,
+            uds_path: v.uds_path.clone(),
+        });
         let console = match self.serial.as_ref().and_then(|s| s.serial_out_path.clone()) {
             Some(p) => ConsoleConfig::File(p),
             None => base.console.clone(),
@@ -701,6 +868,8 @@ impl VmResources {
             rng: self.entropy.is_some(),
             rng_rate_limiter: self.entropy.as_ref().and_then(|e| e.rate_limiter),
             disks,
+            nets,
+            vsock,
             ..base.clone()
         };
         config
@@ -719,6 +888,8 @@ impl VmResources {
             logger: self.logger.clone(),
             metrics: self.metrics.clone(),
             serial: self.serial.clone(),
+            network_interfaces: self.net_ifaces.clone(),
+            vsock: self.vsock.clone(),
             ..Default::default()
         }
     }
@@ -741,15 +912,6 @@ impl VmResources {
                 return err(format!("config file: {what}: {}", not_available(what)));
             }
         }
-        if !file.network_interfaces.is_empty() {
-            return err(format!(
-                "config file: network-interfaces: {}",
-                not_available("network-interfaces")
-            ));
-        }
-        if file.vsock.is_some() {
-            return err(format!("config file: vsock: {}", not_available("vsock")));
-        }
         let mut r = VmResources::default();
         fn ctx(what: String) -> impl Fn(ResourceError) -> ResourceError {
             move |e| ResourceError(format!("config file: {what}: {e}"))
@@ -766,6 +928,14 @@ impl VmResources {
             let id = d.drive_id.clone();
             r.insert_drive(d).map_err(ctx(format!("drives[{id}]")))?;
         }
+        for n in file.network_interfaces {
+            let id = n.iface_id.clone();
+            r.insert_net_iface(n)
+                .map_err(ctx(format!("network-interfaces[{id}]")))?;
+        }
+        if let Some(v) = file.vsock {
+            r.set_vsock(v).map_err(ctx("vsock".into()))?;
+        }
         if let Some(e) = file.entropy {
             r.set_entropy(e).map_err(ctx("entropy".into()))?;
         }
@@ -781,12 +951,6 @@ impl VmResources {
 /// The fault message for a Firecracker feature cgvm does not have yet.
 pub fn not_available(feature: &str) -> String {
     match feature {
-        "network-interfaces" => {
-            "virtio-net is not available yet in cgvm (it arrives with issue 4 of 6)".into()
-        }
-        "vsock" => {
-            "virtio-vsock is not available yet in cgvm (it arrives with issue 4 of 6)".into()
-        }
         "balloon" => "the balloon device is not supported by cgvm".into(),
         "snapshot" => "snapshots are not supported by cgvm".into(),
         "mmds" | "mmds-config" => {
@@ -947,15 +1111,206 @@ mod tests {
         assert!(c.cmdline.ends_with("root=/dev/vda rw"), "{}", c.cmdline);
         for (extra, word) in [
             (r#","balloon":{"amount_mib":1}"#, "balloon"),
-            (r#","vsock":{"guest_cid":3,"uds_path":"/v"}"#, "vsock"),
+            (r#","vsock":{"guest_cid":2,"uds_path":"/v"}"#, "guest_cid 2"),
             (r#","bogus":1"#, "bogus"),
         ] {
             let j = json.trim_end().trim_end_matches('}').to_string() + extra + "}";
             let e = VmResources::from_config_json(&j).unwrap_err();
             assert!(e.0.contains(word), "{e}");
         }
+        let j = json.replace(
+            r#""network-interfaces": []"#,
+            r#""network-interfaces": [{"iface_id":"eth0","host_dev_name":"t","mtu":1500}]"#,
+        );
+        let e = VmResources::from_config_json(&j).unwrap_err();
+        assert!(
+            e.0.contains("network-interfaces[eth0]") && e.0.contains("mtu"),
+            "{e}"
+        );
         let e = VmResources::from_config_json("{").unwrap_err();
         assert!(e.0.starts_with("config file:"), "{e}");
+    }
+
+    fn iface(id: &str, tap: &str, mac: Option<&str>) -> NetworkInterface {
+        NetworkInterface {
+            iface_id: id.into(),
+            host_dev_name: tap.into(),
+            guest_mac: mac.map(String::from),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+            mtu: None,
+        }
+    }
+
+    #[test]
+    fn network_interfaces_are_checked_and_a_put_with_a_known_id_replaces() {
+        let mut r = VmResources::default();
+        r.insert_net_iface(iface("eth0", "tap0", Some("02:AA:00:00:00:01")))
+            .unwrap();
+        r.insert_net_iface(iface("eth1", "tap1", None)).unwrap();
+        // Stored (and reported) in lower case.
+        assert_eq!(
+            r.net_ifaces[0].guest_mac.as_deref(),
+            Some("02:aa:00:00:00:01")
+        );
+        for (n, words) in [
+            (
+                iface("eth2", "tap0", None),
+                &["eth2", "host_dev_name tap0", "eth0"][..],
+            ),
+            (
+                iface("eth2", "tap2", Some("02:aa:00:00:00:01")),
+                &["eth2", "guest_mac 02:aa:00:00:00:01", "eth0"],
+            ),
+            (
+                iface("eth2", "tap2", Some("02:aa:00:00:01")),
+                &["eth2", "guest_mac", "02:aa:00:00:01"],
+            ),
+            (
+                iface("eth2", "tap2", Some("ff:ff:ff:ff:ff:ff")),
+                &["guest_mac", "multicast"],
+            ),
+            (iface("eth2", "a/b", None), &["host_dev_name 'a/b'"]),
+            (iface("eth2", "", None), &["host_dev_name ''"]),
+            (
+                iface("eth2", "sixteen-bytes-xx", None),
+                &["host_dev_name 'sixteen-bytes-xx'"],
+            ),
+            (iface("e.0", "tap2", None), &["iface_id 'e.0'"]),
+            (
+                NetworkInterface {
+                    mtu: Some(1500),
+                    ..iface("eth2", "tap2", None)
+                },
+                &["eth2", "mtu 1500"],
+            ),
+        ] {
+            let e = r.insert_net_iface(n).unwrap_err();
+            for w in words {
+                assert!(e.0.contains(w), "{e} lacks {w:?}");
+            }
+        }
+        assert_eq!(r.net_ifaces.len(), 2, "nothing was added");
+        // A PUT with a known id replaces it in place, and may keep its own tap and MAC.
+        r.insert_net_iface(iface("eth0", "tap0", Some("02:aa:00:00:00:01")))
+            .unwrap();
+        r.insert_net_iface(iface("eth0", "tap9", None)).unwrap();
+        let ids: Vec<_> = r.net_ifaces.iter().map(|n| n.iface_id.as_str()).collect();
+        assert_eq!(ids, ["eth0", "eth1"]);
+        assert_eq!(r.net_ifaces[0].host_dev_name, "tap9");
+        for i in 2..MAX_NETS {
+            r.insert_net_iface(iface(&format!("eth{i}"), &format!("tap{i}x"), None))
+                .unwrap();
+        }
+        let e = r
+            .insert_net_iface(iface("one-more", "tapz", None))
+            .unwrap_err();
+        assert!(e.0.contains("at most 8"), "{e}");
+    }
+
+    #[test]
+    fn vsock_cids_are_checked_and_the_id_is_dropped() {
+        let mut r = VmResources::default();
+        for cid in [0, 1, 2, u32::MAX] {
+            let e = r
+                .set_vsock(Vsock {
+                    guest_cid: cid,
+                    uds_path: "/tmp/v.sock".into(),
+                    vsock_id: None,
+                })
+                .unwrap_err();
+            assert!(e.0.contains(&format!("guest_cid {cid}")), "{e}");
+        }
+        let e = r
+            .set_vsock(Vsock {
+                guest_cid: 3,
+                uds_path: "".into(),
+                vsock_id: None,
+            })
+            .unwrap_err();
+        assert!(e.0.contains("uds_path"), "{e}");
+        assert_eq!(r.vsock, None);
+        r.set_vsock(Vsock {
+            guest_cid: 3,
+            uds_path: "/tmp/v.sock".into(),
+            vsock_id: Some("vsock0".into()),
+        })
+        .unwrap();
+        r.set_vsock(Vsock {
+            guest_cid: 7,
+            uds_path: "/tmp/w.sock".into(),
+            vsock_id: Some("vsock0".into()),
+        })
+        .unwrap();
+        assert_eq!(
+            r.vsock,
+            Some(Vsock {
+                guest_cid: 7,
+                uds_path: "/tmp/w.sock".into(),
+                vsock_id: None,
+            })
+        );
+    }
+
+    #[test]
+    fn nets_and_vsock_reach_the_vm_config_and_the_full_config() {
+        let k = scratch_file("k3", 4096);
+        let json = format!(
+            r#"{{
+              "boot-source": {{"kernel_image_path": "{}"}},
+              "network-interfaces": [
+                {{"iface_id": "wan", "host_dev_name": "tap-wan", "guest_mac": "02:00:00:00:00:0A",
+                  "rx_rate_limiter": {{"bandwidth": {{"size": 1000, "refill_time": 100}}}}}},
+                {{"iface_id": "lan", "host_dev_name": "tap-lan"}}
+              ],
+              "vsock": {{"guest_cid": 5, "uds_path": "/run/v.sock", "vsock_id": "vsock0"}}
+            }}"#,
+            k.display()
+        );
+        let r = VmResources::from_config_json(&json).unwrap();
+        let c = r.to_vm_config(&VmConfig::default()).unwrap();
+        assert_eq!(c.net_ids(), ["wan", "lan"]);
+        assert_eq!(
+            c.nets[0].backend,
+            NetBackend::Tap {
+                name: "tap-wan".into()
+            }
+        );
+        assert_eq!(c.nets[0].mac, Some([2, 0, 0, 0, 0, 0x0a]));
+        assert_eq!(
+            c.nets[0].rx_rate_limiter.unwrap().bandwidth.unwrap().size,
+            1000
+        );
+        assert_eq!((c.nets[1].mac, c.nets[1].tx_rate_limiter), (None, None));
+        assert_eq!(
+            c.vsock,
+            Some(VsockConfig {
+                cid: 5,
+                uds_path: "/run/v.sock".into()
+            })
+        );
+        // GET /vm/config in Firecracker's shape, and it reads back as a config file.
+        let full = serde_json::to_value(r.full_config()).unwrap();
+        assert_eq!(
+            full["network-interfaces"][0]["guest_mac"],
+            "02:00:00:00:00:0a"
+        );
+        assert_eq!(full["network-interfaces"][1]["host_dev_name"], "tap-lan");
+        assert!(full["network-interfaces"][1].get("guest_mac").is_none());
+        assert_eq!(
+            full["vsock"],
+            serde_json::json!({"guest_cid": 5, "uds_path": "/run/v.sock"})
+        );
+        let again = VmResources::from_config_json(&full.to_string()).unwrap();
+        assert_eq!(again.net_ifaces, r.net_ifaces);
+        assert_eq!(again.vsock, r.vsock);
+        // The same rules as the API, naming the interface.
+        let dup = json.replace("tap-lan", "tap-wan");
+        let e = VmResources::from_config_json(&dup).unwrap_err();
+        assert!(
+            e.0.contains("network-interfaces") && e.0.contains("tap-wan"),
+            "{e}"
+        );
     }
 
     #[test]

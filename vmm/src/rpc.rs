@@ -11,7 +11,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::resources::{
     BootSource, Drive, EntropyDevice, FullVmConfiguration, InstanceInfo, LoggerConfig,
-    MachineConfig, MachineConfigUpdate, MetricsConfig, PartialDrive, SerialConfig, VmState,
+    MachineConfig, MachineConfigUpdate, MetricsConfig, NetworkInterface, PartialDrive,
+    PartialNetworkInterface, SerialConfig, VmState, Vsock,
 };
 
 /// One request for the VMM thread.
@@ -41,6 +42,12 @@ pub enum VmmAction {
     PutDrive(Drive),
     /// `PATCH /drives/{id}`.
     PatchDrive(PartialDrive),
+    /// `PUT /network-interfaces/{id}`.
+    PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{id}`.
+    PatchNetworkInterface(PartialNetworkInterface),
+    /// `PUT /vsock`.
+    PutVsock(Vsock),
     /// `PUT /entropy`.
     PutEntropy(EntropyDevice),
     /// `PUT /logger`.
@@ -67,6 +74,9 @@ impl VmmAction {
             Self::PutBootSource(_) => "PUT /boot-source",
             Self::PutDrive(_) => "PUT /drives",
             Self::PatchDrive(_) => "PATCH /drives",
+            Self::PutNetworkInterface(_) => "PUT /network-interfaces",
+            Self::PatchNetworkInterface(_) => "PATCH /network-interfaces",
+            Self::PutVsock(_) => "PUT /vsock",
             Self::PutEntropy(_) => "PUT /entropy",
             Self::PutLogger(_) => "PUT /logger",
             Self::PutMetrics(_) => "PUT /metrics",

@@ -15,12 +15,14 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use devices::legacy::I8042Device;
+use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::block::BlockControl;
+use devices::virtio::net::NetControl;
 
 use crate::console::EscapeFilter;
 use crate::controller::Controller;
 use crate::outcome::RunOutcome;
-use crate::resources::PartialDrive;
+use crate::resources::{PartialDrive, PartialNetworkInterface};
 use crate::rpc::VmmActionError;
 use crate::vstate::vcpu::{kick_signal, VcpuShared};
 use crate::vstate::vm::Vm;
@@ -86,12 +88,25 @@ pub struct DriveHandle {
     pub control: BlockControl,
 }
 
+/// A network interface of the running machine, by interface id, with the handle that
+/// changes its rate limiters.
+pub struct NetHandle {
+    /// The interface id.
+    pub id: String,
+    /// Changes the receive and transmit rate limiters.
+    pub control: NetControl,
+}
+
+/// The receive and transmit limits in force on an interface (`None`: not limited).
+pub type NetLimits = (Option<RateLimiterConfig>, Option<RateLimiterConfig>);
+
 /// What the API may act on in a running machine.
 pub struct RuntimeHandles {
     shared: Arc<VcpuShared>,
     vcpu_threads: Vec<libc::pthread_t>,
     i8042: Arc<Mutex<I8042Device>>,
     drives: Vec<DriveHandle>,
+    nets: Vec<NetHandle>,
 }
 
 impl RuntimeHandles {
@@ -178,6 +193,28 @@ impl RuntimeHandles {
         }
         Ok(())
     }
+
+    /// `PATCH /network-interfaces/{id}`: updates the receive and/or transmit rate limiter
+    /// (Firecracker's semantics: what is absent stays as it is). Returns the limits in force
+    /// afterwards.
+    pub fn patch_net(&self, p: &PartialNetworkInterface) -> Result<NetLimits, VmmActionError> {
+        let Some(n) = self.nets.iter().find(|n| n.id == p.iface_id) else {
+            return Err(VmmActionError(format!(
+                "network interface {}: no such network interface in this machine",
+                p.iface_id
+            )));
+        };
+        if p.rx_rate_limiter.is_none() && p.tx_rate_limiter.is_none() {
+            return Err(VmmActionError(format!(
+                "network interface {}: give rx_rate_limiter and/or tx_rate_limiter to change",
+                p.iface_id
+            )));
+        }
+        n.control
+            .update_rate_limiters(p.rx_rate_limiter, p.tx_rate_limiter)
+            .map_err(|e| VmmActionError(format!("network interface {}: {e}", p.iface_id)))?;
+        Ok(n.control.rate_limiters())
+    }
 }
 
 /// How long `PATCH /vm` Paused waits for the vCPUs to park.
@@ -193,6 +230,7 @@ pub struct Vmm {
     console_input: Option<ConsoleInput>,
     i8042: Arc<Mutex<I8042Device>>,
     drives: Vec<DriveHandle>,
+    nets: Vec<NetHandle>,
     /// The passt processes of `user` network interfaces; dropped (killed) with the machine.
     _passts: Vec<crate::passt::Passt>,
 }
@@ -206,6 +244,7 @@ pub(crate) struct VmmParts {
     pub console_input: Option<ConsoleInput>,
     pub i8042: Arc<Mutex<I8042Device>>,
     pub drives: Vec<DriveHandle>,
+    pub nets: Vec<NetHandle>,
     pub passts: Vec<crate::passt::Passt>,
 }
 
@@ -220,6 +259,7 @@ impl Vmm {
             console_input: p.console_input,
             i8042: p.i8042,
             drives: p.drives,
+            nets: p.nets,
             _passts: p.passts,
         }
     }
@@ -255,6 +295,7 @@ impl Vmm {
             vcpu_threads: self.vcpus.iter().map(|h| h.as_pthread_t()).collect(),
             i8042: self.i8042.clone(),
             drives: std::mem::take(&mut self.drives),
+            nets: std::mem::take(&mut self.nets),
         };
         let events = match LoopEvents::new(
             self.shared.clone(),

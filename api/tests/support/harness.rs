@@ -15,7 +15,7 @@ use api::{ApiServer, ServerHandle, ServerOptions};
 use vmm::metrics::ApiMetrics;
 use vmm::resources::{
     BootSource, Drive, EntropyDevice, FullVmConfiguration, InstanceInfo, LoggerConfig,
-    MachineConfig, MetricsConfig, SerialConfig,
+    MachineConfig, MetricsConfig, SerialConfig, Vsock,
 };
 use vmm::rpc::{ApiReceiver, VmmAction, VmmActionError, VmmData, VmmResponse};
 
@@ -78,6 +78,18 @@ pub fn fake_answer(action: &VmmAction) -> VmmResponse {
             serial: Some(SerialConfig {
                 serial_out_path: Some("/tmp/serial".into()),
                 rate_limiter: None,
+            }),
+            network_interfaces: vec![serde_json::from_value(serde_json::json!({
+                "iface_id": "eth0",
+                "host_dev_name": "tap0",
+                "guest_mac": "02:00:00:00:00:01",
+                "rx_rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}
+            }))
+            .expect("a valid network interface")],
+            vsock: Some(Vsock {
+                guest_cid: 3,
+                uds_path: "/tmp/v.sock".into(),
+                vsock_id: None,
             }),
             ..Default::default()
         }))),

@@ -54,8 +54,8 @@ use crate::rate_limiter::{RateLimiterConfig, RateLimiterError};
 pub use control::{NetControl, CONTROL_TIMEOUT};
 pub use stream::{FrameStream, StreamError, MAX_STREAM_FRAME};
 pub use tap::{
-    Tap, TapError, MAX_NAME_LEN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
-    VNET_HDR_LEN,
+    check_name as check_tap_name, Tap, TapError, MAX_NAME_LEN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6,
+    TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN,
 };
 pub use worker::{NetWorker, MAX_RX_FRAME, MAX_TX_FRAME, RX_BATCH};
 

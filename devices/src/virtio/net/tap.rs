@@ -94,30 +94,31 @@ pub struct Tap {
     supported_offloads: u32,
 }
 
-/// Checks `name` as Linux's `dev_valid_name` would.
-fn validate_name(name: &str) -> Result<(), TapError> {
-    let bad = |reason| {
-        Err(TapError::InvalidName {
-            name: name.to_string(),
-            reason,
-        })
-    };
+/// Checks `name` as Linux's `dev_valid_name` would; the reason when it would refuse it.
+pub fn check_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
-        return bad("empty");
+        return Err("empty");
     }
     if name.len() > MAX_NAME_LEN {
-        return bad("longer than 15 bytes");
+        return Err("longer than 15 bytes");
     }
     if name == "." || name == ".." {
-        return bad("'.' and '..' are not interface names");
+        return Err("'.' and '..' are not interface names");
     }
     if name
         .bytes()
         .any(|b| b == 0 || b == b'/' || b == b':' || b.is_ascii_whitespace())
     {
-        return bad("contains NUL, '/', ':' or white space");
+        return Err("contains NUL, '/', ':' or white space");
     }
     Ok(())
+}
+
+fn validate_name(name: &str) -> Result<(), TapError> {
+    check_name(name).map_err(|reason| TapError::InvalidName {
+        name: name.to_string(),
+        reason,
+    })
 }
 
 impl Tap {
