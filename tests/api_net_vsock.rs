@@ -9,14 +9,12 @@ mod common;
 #[path = "../api/tests/support/openapi.rs"]
 mod openapi;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::api::*;
+use common::netns::NetNs;
+use common::vsock::echo;
 use common::*;
 
 const GUEST_MAC: &str = "02:00:00:00:00:07";
@@ -24,71 +22,6 @@ const GUEST_MAC: &str = "02:00:00:00:00:07";
 fn spec() -> openapi::Spec {
     openapi::Spec::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("api/openapi.yaml"))
         .expect("load api/openapi.yaml")
-}
-
-/// A network namespace with a tap, deleted when dropped (on every path, a failed assertion
-/// included). Declare it before the [`Served`] running in it, so that the process is killed
-/// first.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    /// A new namespace with `lo` up.
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "cgvm-api{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `ip ARGS` inside the namespace; panics if it fails.
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        ip(&all);
-    }
-
-    /// A tap `name` with the address `addr`, up.
-    fn tap(&self, name: &str, addr: &str) {
-        self.ip(&["tuntap", "add", name, "mode", "tap"]);
-        self.ip(&["addr", "add", addr, "dev", name]);
-        self.ip(&["link", "set", name, "up"]);
-    }
-
-    /// The MAC address of `dev` in the namespace.
-    fn mac_of(&self, dev: &str) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "cat"])
-            .arg(format!("/sys/class/net/{dev}/address"))
-            .output()
-            .expect("read the tap's address");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Sends a request and checks the answer against the spec.
@@ -139,47 +72,6 @@ fn vsock(cid: u32, uds: &Path) -> String {
     serde_json::json!({"guest_cid": cid, "uds_path": uds}).to_string()
 }
 
-/// Connects to guest port `port` through the vsock socket (Firecracker's `CONNECT`), retrying
-/// while the guest does not listen yet.
-fn vsock_connect(uds: &Path, port: u32) -> UnixStream {
-    let start = Instant::now();
-    loop {
-        let mut s = UnixStream::connect(uds).expect("connect to the vsock socket");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        s.write_all(format!("CONNECT {port}\n").as_bytes())
-            .expect("write CONNECT");
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while !line.ends_with(b"\n") {
-            match s.read(&mut b) {
-                Ok(1) => line.push(b[0]),
-                _ => break,
-            }
-        }
-        if line.starts_with(b"OK ") && line.ends_with(b"\n") {
-            return s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "CONNECT {port} answered {:?}",
-            String::from_utf8_lossy(&line)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Writes `payload` and reads back as many bytes, which must be the same.
-fn echo(s: &mut UnixStream, payload: &[u8]) {
-    let mut w = s.try_clone().expect("clone");
-    let data = payload.to_vec();
-    let writer = std::thread::spawn(move || w.write_all(&data).expect("write"));
-    let mut got = vec![0u8; payload.len()];
-    s.read_exact(&mut got).expect("read the echo");
-    writer.join().expect("writer");
-    assert!(got == payload, "the echo differs from what was sent");
-}
-
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
@@ -189,7 +81,7 @@ fn the_probe_boots_through_the_api_with_a_tap_and_a_vsock_and_limits_change_whil
     let spec = spec();
     let d = scratch("api-net-vsock");
     let ns = NetNs::new();
-    ns.tap("tapa", "10.0.2.2/24");
+    ns.tap("tapa", Some("10.0.2.2/24"), &[]);
     let tap_mac = ns.mac_of("tapa");
     let console = d.join("console.txt");
     let metrics = d.join("metrics.json");
@@ -355,7 +247,7 @@ fn the_probe_boots_through_the_api_with_a_tap_and_a_vsock_and_limits_change_whil
     assert_eq!(call(s, &spec, "GET", "/", None).json()["state"], "Running");
     // The net check runs first, then the vsock echo server waits for one connection.
     wait_for_text(&console, "probe: net ok", Duration::from_secs(60));
-    let mut conn = vsock_connect(&uds, 52);
+    let mut conn = common::vsock::connect(&uds, 52);
     let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + i / 256) as u8).collect();
     echo(&mut conn, &payload);
     conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
@@ -476,7 +368,7 @@ fn a_config_file_with_a_network_interface_and_a_vsock_boots_and_reports_them() {
     let spec = spec();
     let d = scratch("api-net-vsock-config");
     let ns = NetNs::new();
-    ns.tap("tapc", "10.0.2.2/24");
+    ns.tap("tapc", Some("10.0.2.2/24"), &[]);
     let uds = d.join("v.sock");
     let cfg = config_file(&d, &uds);
     let mut s = Served::serve_in_netns(

@@ -9,102 +9,13 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use common::netns::NetNs;
 use common::*;
 
 const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x05];
 const GUEST_MAC_TEXT: &str = "02:00:00:00:00:05";
-
-/// A network namespace, deleted when dropped.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "cgvm-t{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs `ip ARGS` inside the namespace; panics if it fails.
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["netns", "exec", &self.name, "ip"];
-        all.extend_from_slice(args);
-        ip(&all);
-    }
-
-    /// Creates a tap `name`, optionally with an address, up.
-    fn tap(&self, name: &str, addr: Option<&str>, extra: &[&str]) {
-        let mut add = vec!["tuntap", "add", name, "mode", "tap"];
-        add.extend_from_slice(extra);
-        self.ip(&add);
-        if let Some(a) = addr {
-            self.ip(&["addr", "add", a, "dev", name]);
-        }
-        self.ip(&["link", "set", name, "up"]);
-    }
-
-    /// A command run inside the namespace (`ip netns exec`).
-    fn command(&self, program: &Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
-    }
-
-    /// The MAC address of `dev` in the namespace.
-    fn mac_of(&self, dev: &str) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "cat"])
-            .arg(format!("/sys/class/net/{dev}/address"))
-            .output()
-            .expect("read the tap's address");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    /// A packet socket bound to `dev` in the namespace, seeing every frame in both directions.
-    fn packet_socket(&self, dev: &str) -> PacketSocket {
-        let ns_path = PathBuf::from("/run/netns").join(&self.name);
-        let dev = dev.to_string();
-        // setns changes only the calling thread's namespace: do it in a thread of its own.
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&ns_path).expect("open the namespace");
-            // SAFETY: setns on a descriptor we own, for this thread only.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            PacketSocket::bind(&dev)
-        })
-        .join()
-        .expect("packet socket thread")
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// An AF_PACKET socket on one interface.
 struct PacketSocket(OwnedFd);
@@ -250,7 +161,7 @@ fn tap_frames_cross_both_ways_with_the_bytes_intact() {
     let ns = NetNs::new();
     ns.tap("tapg", Some("10.0.2.2/24"), &[]);
     let tap_mac = ns.mac_of("tapg");
-    let capture = ns.packet_socket("tapg");
+    let capture = ns.run_in(|| PacketSocket::bind("tapg"));
     let (child, console) = spawn_probe(
         Some(&ns),
         &dir,

@@ -5,11 +5,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::vsock::{connect, echo};
 use common::*;
 
 fn start(dir: &Path, cmdline: &str) -> (Child, std::path::PathBuf, std::path::PathBuf) {
@@ -42,34 +43,6 @@ fn start(dir: &Path, cmdline: &str) -> (Child, std::path::PathBuf, std::path::Pa
         std::thread::sleep(Duration::from_millis(5));
     }
     (child, uds, console)
-}
-
-/// Connects to guest port `port` through the device's socket.
-fn connect(uds: &Path, port: u32) -> UnixStream {
-    let mut s = UnixStream::connect(uds).expect("connect to the vsock socket");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(format!("CONNECT {port}\n").as_bytes())
-        .expect("write CONNECT");
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while !line.ends_with(b"\n") {
-        assert!(s.read(&mut b).expect("read the answer") == 1, "closed");
-        line.push(b[0]);
-    }
-    let line = String::from_utf8_lossy(&line).into_owned();
-    assert!(line.starts_with("OK "), "answer {line:?}");
-    s
-}
-
-fn echo(s: &mut UnixStream, payload: &[u8]) {
-    let mut w = s.try_clone().expect("clone");
-    let data = payload.to_vec();
-    let writer = std::thread::spawn(move || w.write_all(&data).expect("write"));
-    let mut got = vec![0u8; payload.len()];
-    s.read_exact(&mut got).expect("read the echo");
-    writer.join().expect("writer");
-    assert!(got == payload, "the echo differs");
 }
 
 fn finish(mut child: Child) -> (Option<i32>, String) {

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod netns;
+pub mod vsock;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
