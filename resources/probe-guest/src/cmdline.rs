@@ -17,7 +17,12 @@
 //! - `probe.vsock_port=N`, `probe.vsock_conns=N`, `probe.vsock_timeout_s=N`,
 //!   `probe.vsock_host_port=N`: the vsock check's listening port (default 52), the echo
 //!   connections to serve (default 1), the time for them (default 30 s), and the host port to
-//!   connect to afterwards (none by default).
+//!   connect to afterwards (none by default);
+//! - `probe.netbench=tx|rx`, `probe.netbench_frame=N`, `probe.netbench_tso=0|1`,
+//!   `probe.netbench_ms=N`: the netbench check's direction, frame length, TSO frames, and how
+//!   long it sends;
+//! - `probe.vsockbench=echo|sink|source`, `probe.vsockbench_port=N`, `probe.vsockbench_ms=N`:
+//!   the vsockbench check's mode, listening port and how long a source sends.
 //!
 //! Other words are ignored, except unknown `probe.*` keys, which the caller reports.
 
@@ -66,13 +71,27 @@ pub struct Args<'a> {
     pub vsock_conns: Setting<'a, u64>,
     /// `probe.vsock_timeout_s`: the time for them, s.
     pub vsock_timeout_s: Setting<'a, u64>,
+    /// `probe.netbench`: the netbench check's direction (`tx` or `rx`), raw.
+    pub netbench: Option<&'a [u8]>,
+    /// `probe.netbench_frame`: the length of the frames netbench sends, bytes.
+    pub netbench_frame: Setting<'a, u64>,
+    /// `probe.netbench_tso`: 1 for 64 KiB TSO frames (and TSO receive), 0 for none.
+    pub netbench_tso: Setting<'a, u64>,
+    /// `probe.netbench_ms`: how long netbench sends, ms.
+    pub netbench_ms: Setting<'a, u64>,
+    /// `probe.vsockbench`: the vsockbench check's mode (`echo`, `sink`, `source`), raw.
+    pub vsockbench: Option<&'a [u8]>,
+    /// `probe.vsockbench_port`: the guest port vsockbench listens on.
+    pub vsockbench_port: Setting<'a, u64>,
+    /// `probe.vsockbench_ms`: how long a vsockbench source sends, ms.
+    pub vsockbench_ms: Setting<'a, u64>,
 }
 
 /// The periods `probe.tick_ms` takes, ms.
 pub const TICK_MS: core::ops::RangeInclusive<u64> = 1..=60_000;
 
 /// Keys the probe knows.
-const KNOWN_KEYS: [&[u8]; 18] = [
+const KNOWN_KEYS: [&[u8]; 25] = [
     b"probe.tests",
     b"probe.exit",
     b"probe.mem",
@@ -91,6 +110,13 @@ const KNOWN_KEYS: [&[u8]; 18] = [
     b"probe.vsock_host_port",
     b"probe.vsock_conns",
     b"probe.vsock_timeout_s",
+    b"probe.netbench",
+    b"probe.netbench_frame",
+    b"probe.netbench_tso",
+    b"probe.netbench_ms",
+    b"probe.vsockbench",
+    b"probe.vsockbench_port",
+    b"probe.vsockbench_ms",
 ];
 
 /// The command line's words.
@@ -173,6 +199,17 @@ impl<'a> Args<'a> {
                 b"probe.vsock_timeout_s" => {
                     args.vsock_timeout_s = Some(parse_decimal(raw).ok_or(raw))
                 }
+                b"probe.netbench" => args.netbench = Some(raw),
+                b"probe.netbench_frame" => {
+                    args.netbench_frame = Some(parse_decimal(raw).ok_or(raw))
+                }
+                b"probe.netbench_tso" => args.netbench_tso = Some(parse_decimal(raw).ok_or(raw)),
+                b"probe.netbench_ms" => args.netbench_ms = Some(parse_decimal(raw).ok_or(raw)),
+                b"probe.vsockbench" => args.vsockbench = Some(raw),
+                b"probe.vsockbench_port" => {
+                    args.vsockbench_port = Some(parse_decimal(raw).ok_or(raw))
+                }
+                b"probe.vsockbench_ms" => args.vsockbench_ms = Some(parse_decimal(raw).ok_or(raw)),
                 _ => {}
             }
         }
@@ -368,5 +405,36 @@ mod tests {
         )
         .collect();
         assert_eq!(unknown, [&b"probe.vsock"[..], &b"probe.net_mac"[..]]);
+    }
+
+    #[test]
+    fn bench_net_and_vsock_keys() {
+        let args = Args::parse(
+            b"probe.netbench=rx probe.netbench_frame=64 probe.netbench_tso=1 \
+              probe.netbench_ms=1500 probe.vsockbench=sink probe.vsockbench_port=77 \
+              probe.vsockbench_ms=900",
+        );
+        assert_eq!(args.netbench, Some(&b"rx"[..]));
+        assert_eq!(args.netbench_frame, Some(Ok(64)));
+        assert_eq!(args.netbench_tso, Some(Ok(1)));
+        assert_eq!(args.netbench_ms, Some(Ok(1500)));
+        assert_eq!(args.vsockbench, Some(&b"sink"[..]));
+        assert_eq!(args.vsockbench_port, Some(Ok(77)));
+        assert_eq!(args.vsockbench_ms, Some(Ok(900)));
+        assert_eq!(
+            Args::parse(b"probe.netbench_frame=1k").netbench_frame,
+            Some(Err(&b"1k"[..]))
+        );
+        assert_eq!(Args::parse(b"").netbench, None);
+        let unknown: Vec<&[u8]> = unknown_probe_keys(
+            b"probe.netbench=tx probe.netbench_frame=1 probe.netbench_tso=0 probe.netbench_ms=1 \
+              probe.vsockbench=echo probe.vsockbench_port=1 probe.vsockbench_ms=1 \
+              probe.netbench_size=1 probe.vsockbench_conns=2",
+        )
+        .collect();
+        assert_eq!(
+            unknown,
+            [&b"probe.netbench_size"[..], &b"probe.vsockbench_conns"[..]]
+        );
     }
 }

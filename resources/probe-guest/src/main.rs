@@ -10,10 +10,13 @@
 //! - `wait`: the waiting loop of `probe.exit=hang` (Ctrl+Alt+Del, virtio-blk configuration
 //!   changes, ticks);
 //! - `checks`: the check registry and the checks (`checks::boot`, `checks::blk`,
-//!   `checks::rng`, `checks::blkbench`, `checks::net`, `checks::vsock`);
-//! - `net`: the net check's frames (ARP, DHCP), built and parsed (pure, unit-tested);
+//!   `checks::rng`, `checks::blkbench`, `checks::net`, `checks::vsock`, and the benchmark
+//!   checks `checks::netbench`, `checks::vsockbench`);
+//! - `net`: the net check's frames (ARP, DHCP) and the benchmark's (`net::bench`: Ethernet,
+//!   IPv4, TCP with checksums, TSO headers), built and parsed (pure, unit-tested);
 //! - `vsock`: the polling virtio-vsock driver (header codec, connections, credit), generic
-//!   over the transport and unit-tested against a fake device;
+//!   over the transport and unit-tested against a fake device, and the benchmark's
+//!   (`vsock::bench`: echo ring, sink and source accounting);
 //! - `bootparams`, `cmdline`, `acpi`, `aml`: parsing what the VMM provides (pure,
 //!   unit-tested);
 //! - `discovery`: the virtio-mmio devices, from the command line and from the DSDT;

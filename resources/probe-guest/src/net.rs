@@ -8,8 +8,13 @@
 //! short or has the wrong address sizes, a DHCP message for our xid without the magic cookie,
 //! without a message type, or of another type than OFFER) or [`Verdict::Unrelated`]
 //! (everything else: IPv6 router solicitations, other hosts' ARP, short junk).
+//!
+//! `bench`: the frames of the `netbench` check (the virtio-net header, benchmark frames, the
+//! end marker).
 
 use core::fmt;
+
+pub mod bench;
 
 /// Ethernet header length (no VLAN tag).
 pub const ETH_HEADER: usize = 14;

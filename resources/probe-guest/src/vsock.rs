@@ -17,6 +17,9 @@
 //! Closing: after the peer's OP_SHUTDOWN (and the ring drained, unless it will not receive)
 //! we send OP_SHUTDOWN (both directions) and wait up to [`CLOSE_MS`] for its OP_RST, then
 //! send OP_RST ourselves; an OP_RST from the peer closes at once.
+//!
+//! `bench`: the `vsockbench` check's driver (one connection, 64 KiB buffers; echo, sink or
+//! source).
 
 use core::fmt;
 
@@ -891,6 +894,8 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
         Ok(())
     }
 }
+
+pub mod bench;
 
 #[cfg(test)]
 mod tests;

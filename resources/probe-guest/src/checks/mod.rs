@@ -19,8 +19,10 @@ pub mod blk;
 pub mod blkbench;
 pub mod boot;
 pub mod net;
+pub mod netbench;
 pub mod rng;
 pub mod vsock;
+pub mod vsockbench;
 
 /// What every check may look at.
 pub struct Context<'a> {
@@ -115,6 +117,14 @@ pub const REGISTRY: &[Check] = &[
         name: "vsock",
         run: vsock::run,
     },
+    Check {
+        name: "netbench",
+        run: netbench::run,
+    },
+    Check {
+        name: "vsockbench",
+        run: vsockbench::run,
+    },
 ];
 
 /// The virtio-mmio devices with DeviceID `device_id`, in command-line order, for a check.
@@ -174,6 +184,26 @@ pub fn with_device<T>(
     report: &mut Report,
     exercise: impl FnOnce(&Mmio, &DmaPool) -> T,
 ) -> Option<T> {
+    with_device_in(d, label, report, DmaPool::take, exercise)
+}
+
+/// [`with_device`] with the large DMA arena ([`DmaPool::take_large`]), for the benchmarks.
+pub fn with_device_large<T>(
+    d: &Device,
+    label: &dyn fmt::Display,
+    report: &mut Report,
+    exercise: impl FnOnce(&Mmio, &DmaPool) -> T,
+) -> Option<T> {
+    with_device_in(d, label, report, DmaPool::take_large, exercise)
+}
+
+fn with_device_in<T>(
+    d: &Device,
+    label: &dyn fmt::Display,
+    report: &mut Report,
+    take: fn() -> Option<DmaPool>,
+    exercise: impl FnOnce(&Mmio, &DmaPool) -> T,
+) -> Option<T> {
     let mmio = match Mmio::new(d.base, d.size) {
         Ok(m) => m,
         Err(e) => {
@@ -181,7 +211,7 @@ pub fn with_device<T>(
             return None;
         }
     };
-    let Some(pool) = DmaPool::take() else {
+    let Some(pool) = take() else {
         fail_step(report, label, "setup", VirtioError::NoDma);
         return None;
     };

@@ -1,0 +1,670 @@
+//! Vsock benchmark: round-trip latency of small messages and throughput of 64 KiB writes over
+//! the VMM's virtio-vsock device, each way, and how much of the VMM's CPU time that costs.
+//!
+//! ```text
+//! cargo bench --bench vsock -- [--seconds N] [--scenarios a,b] [--size N] [--vmm PATH]
+//!                              [--kernel PATH]
+//! ```
+//!
+//! One VMM run per scenario: `VMM run --kernel PROBE --vsock 3,uds=DIR/v.sock --cpus 1
+//! --memory 128 --console tty --timeout T --cmdline "probe.tests=vsockbench
+//! probe.vsockbench=MODE probe.vsockbench_ms=..."`. The probe guest's `vsockbench` check
+//! (resources/probe-guest/README.md) polls its queues with 64 KiB receive buffers, prints
+//! `probe: vsockbench ready MODE`, accepts one connection on guest port 52 and prints its
+//! figures when it ends. The benchmark connects to the Unix socket, writes `CONNECT 52\n`,
+//! reads `OK <port>\n`, then:
+//!
+//! - `rtt` (guest mode `echo`): writes a `--size`-byte message (default 64) and reads it back,
+//!   one at a time, for N seconds; each round trip is timed (`Instant`), and p50, p99, the
+//!   mean and the round trips per second are printed.
+//! - `h2g` (guest mode `sink`): writes 64 KiB buffers for N seconds, then shuts its side down
+//!   and waits for the guest to close. Throughput: the bytes the guest counted over its own
+//!   time (TSC, first data packet to last); the host's view (bytes written over the time it
+//!   wrote) is printed beside it.
+//! - `g2h` (guest mode `source`): the guest sends packets of up to 64 KiB, as the device's
+//!   credit allows, for N seconds; the benchmark reads with 64 KiB reads until the guest
+//!   closes. Throughput: bytes read over the time from the first byte to the last.
+//!
+//! CPU: the VMM's threads' CPU time between the guest's ready line and its figures, from
+//! `/proc/PID/task/*/stat` (10 ms ticks): the virtio-vsock device thread's (`dev`) per round
+//! trip or per byte, and all threads' (`VMM`, which includes the vCPU thread that the polling
+//! guest keeps busy all the time). Placement is left to the scheduler unless `--pin`: the
+//! device thread then gets the last CPU, which the benchmark's client shares in `rtt` (where
+//! the two take turns), while it gets the other CPUs in `h2g` and `g2h` (where they run at
+//! once). On a 2-CPU machine pinning halved the throughputs and helped only rtt's p99.
+//!
+//! Without `--kernel`, the probe guest is built with `resources/probe-guest/build.sh` into a
+//! temporary directory. A failed scenario is reported, and the benchmark then exits with
+//! status 1, after printing what it has.
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use std::{env, thread};
+
+mod common;
+#[path = "common/vmm.rs"]
+mod vmm;
+
+use common::{
+    build_probe_guest, median, parse_flags, parse_number, percentile, Request, Result, TempDir,
+};
+use vmm::{describe_status, field, tail, Pinning, ThreadCpu, Vmm};
+
+const USAGE: &str = "\
+usage: cargo bench --bench vsock -- [OPTIONS]
+  --seconds N         seconds each scenario runs (default 3, at least 1)
+  --scenarios LIST    rtt, h2g, g2h, comma-separated (default all)
+  --size N            bytes of an rtt message (default 64, 1..=4096)
+  --vmm PATH          the VMM binary (default: the cgvm that cargo built for this benchmark)
+  --kernel PATH       the probe guest (default: build it with resources/probe-guest/build.sh)
+  --no-seccomp        run the VMM with --no-seccomp (its device threads unconfined)
+  --pin               give the VMM's device thread the last CPU (see the top of
+                      benches/vsock.rs; default: placement left to the scheduler)
+  --help              this text";
+
+/// The guest's CID and port.
+const CID: u32 = 3;
+const PORT: u32 = 52;
+/// Bytes of a write (h2g) or read (g2h).
+const CHUNK: usize = 64 * 1024;
+/// How long the guest has to get ready, how long a connection may take to be accepted, and
+/// what the figures may take beyond the time.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const RESULT_SLACK: Duration = Duration::from_secs(40);
+/// Socket timeouts while streaming: a guest that stops answering ends the scenario.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many lines of a failed run's output are shown.
+const TAIL_LINES: usize = 8;
+
+/// A scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Rtt,
+    H2g,
+    G2h,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 3] = [Scenario::Rtt, Scenario::H2g, Scenario::G2h];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Rtt => "rtt",
+            Self::H2g => "h2g",
+            Self::G2h => "g2h",
+        }
+    }
+
+    /// The guest's mode.
+    fn mode(self) -> &'static str {
+        match self {
+            Self::Rtt => "echo",
+            Self::H2g => "sink",
+            Self::G2h => "source",
+        }
+    }
+}
+
+// --- options ------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Options {
+    seconds: u64,
+    scenarios: Vec<Scenario>,
+    size: usize,
+    vmm: PathBuf,
+    kernel: Option<PathBuf>,
+    pin: bool,
+    no_seccomp: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            seconds: 3,
+            scenarios: Scenario::ALL.to_vec(),
+            size: 64,
+            vmm: PathBuf::from(env!("CARGO_BIN_EXE_cgvm")),
+            kernel: None,
+            pin: false,
+            no_seccomp: false,
+        }
+    }
+}
+
+fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Options>> {
+    let request = parse_flags(args, USAGE, Options::default(), |opts, flag, value| {
+        match flag {
+            "--seconds" => opts.seconds = parse_number(flag, &value()?)?,
+            "--size" => opts.size = parse_number(flag, &value()?)?,
+            "--scenarios" => {
+                opts.scenarios = value()?
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|name| {
+                        Scenario::ALL
+                            .into_iter()
+                            .find(|s| s.name() == name)
+                            .ok_or_else(|| format!("unknown scenario {name:?}\n{USAGE}"))
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            "--vmm" => opts.vmm = PathBuf::from(value()?),
+            "--kernel" => opts.kernel = Some(PathBuf::from(value()?)),
+            "--pin" => opts.pin = true,
+            "--no-seccomp" => opts.no_seccomp = true,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    let Request::Run(opts) = request else {
+        return Ok(request);
+    };
+    if opts.seconds == 0 {
+        return Err("--seconds must be at least 1".to_string());
+    }
+    if !(1..=4096).contains(&opts.size) {
+        return Err("--size must be 1..=4096".to_string());
+    }
+    if opts.scenarios.is_empty() {
+        return Err("--scenarios names no scenario".to_string());
+    }
+    Ok(Request::Run(opts))
+}
+
+// --- the host side ------------------------------------------------------------------------------
+
+/// Connects to the guest's `PORT` through the VMM's Unix socket (`CONNECT`/`OK`).
+fn connect(uds: &Path) -> Result<UnixStream> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let stream = loop {
+        match UnixStream::connect(uds) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(format!("cannot connect to {}: {e}", uds.display())),
+        }
+    };
+    let fail = |e: io::Error| format!("vsock handshake: {e}");
+    stream
+        .set_read_timeout(Some(CONNECT_TIMEOUT))
+        .map_err(fail)?;
+    (&stream)
+        .write_all(format!("CONNECT {PORT}\n").as_bytes())
+        .map_err(fail)?;
+    // Byte by byte: nothing after the line may be taken from the stream.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if (&stream).read(&mut byte).map_err(fail)? == 0 {
+            return Err("vsock handshake: the VMM closed the connection (refused?)".into());
+        }
+        line.push(byte[0]);
+        if line.len() > 64 {
+            return Err("vsock handshake: no line from the VMM".into());
+        }
+    }
+    let text = String::from_utf8_lossy(&line);
+    if !text.starts_with("OK ") {
+        return Err(format!("vsock handshake: {:?}", text.trim_end()));
+    }
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
+    Ok(stream)
+}
+
+/// What the host side measured.
+#[derive(Debug, Default, Clone)]
+struct Host {
+    /// rtt: each round trip, µs.
+    rtts_us: Vec<f64>,
+    /// Bytes written and read.
+    written: u64,
+    read: u64,
+    /// Seconds of writing (h2g) or from the first byte read to the last (g2h, rtt: the loop).
+    seconds: f64,
+}
+
+/// Reads until the peer closes (or the timeout); how many bytes.
+fn drain_until_closed(stream: &mut UnixStream) -> io::Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut n = 0u64;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(n),
+            Ok(k) => n += k as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// rtt: one message at a time for `seconds`.
+fn ping_pong(stream: &mut UnixStream, size: usize, seconds: u64) -> io::Result<Host> {
+    let message: Vec<u8> = (0..size).map(|i| (i as u8) ^ 0xa5).collect();
+    let mut back = vec![0u8; size];
+    let mut host = Host::default();
+    let start = Instant::now();
+    let until = start + Duration::from_secs(seconds);
+    while Instant::now() < until {
+        let t = Instant::now();
+        stream.write_all(&message)?;
+        stream.read_exact(&mut back)?;
+        host.rtts_us.push(t.elapsed().as_secs_f64() * 1e6);
+        if back != message {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the echo differs from the message",
+            ));
+        }
+        host.written += size as u64;
+        host.read += size as u64;
+    }
+    host.seconds = start.elapsed().as_secs_f64();
+    stream.shutdown(Shutdown::Write)?;
+    host.read += drain_until_closed(stream)?;
+    Ok(host)
+}
+
+/// h2g: 64 KiB writes for `seconds`, then the end of the stream.
+fn push(stream: &mut UnixStream, seconds: u64) -> io::Result<Host> {
+    let buf: Vec<u8> = (0..CHUNK).map(|i| (i as u8).wrapping_mul(13)).collect();
+    let mut host = Host::default();
+    let start = Instant::now();
+    let until = start + Duration::from_secs(seconds);
+    while Instant::now() < until {
+        stream.write_all(&buf)?;
+        host.written += CHUNK as u64;
+    }
+    host.seconds = start.elapsed().as_secs_f64();
+    stream.shutdown(Shutdown::Write)?;
+    host.read = drain_until_closed(stream)?;
+    Ok(host)
+}
+
+/// g2h: 64 KiB reads until the guest closes.
+fn pull(stream: &mut UnixStream) -> io::Result<Host> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut host = Host::default();
+    let mut first = None;
+    let mut last = Instant::now();
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => {
+                first.get_or_insert_with(Instant::now);
+                last = Instant::now();
+                host.read += k as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    host.seconds = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
+    Ok(host)
+}
+
+// --- runs ---------------------------------------------------------------------------------------
+
+/// The guest's figures (its result line).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Guest {
+    rx_bytes: u64,
+    rx_packets: u64,
+    tx_bytes: u64,
+    tx_packets: u64,
+    ns: u64,
+    credit_updates: u64,
+}
+
+impl Guest {
+    fn parse(line: &str) -> Option<Self> {
+        Some(Self {
+            rx_bytes: field(line, "rx_bytes")?,
+            rx_packets: field(line, "rx_packets")?,
+            tx_bytes: field(line, "tx_bytes")?,
+            tx_packets: field(line, "tx_packets")?,
+            ns: field(line, "ns")?,
+            credit_updates: field(line, "credit_updates")?,
+        })
+    }
+}
+
+/// One scenario's run.
+struct Run {
+    scenario: Scenario,
+    ready: Option<String>,
+    guest: Option<Guest>,
+    host: Option<Host>,
+    /// The VMM's thread CPU from the ready line to the result line.
+    cpu: Option<ThreadCpu>,
+    /// Exit status, CPU and wall-clock time of the whole run.
+    ended: Option<(String, f64, f64)>,
+    failure: Option<String>,
+    stdout: String,
+    stderr: String,
+}
+
+/// What every run needs.
+struct Setup<'a> {
+    opts: &'a Options,
+    kernel: &'a Path,
+    dir: &'a Path,
+    pinning: Option<Pinning>,
+    /// The host's load averages before the first run.
+    load_before: String,
+}
+
+fn run_scenario(setup: &Setup<'_>, scenario: Scenario) -> Run {
+    let mut run = Run {
+        scenario,
+        ready: None,
+        guest: None,
+        host: None,
+        cpu: None,
+        ended: None,
+        failure: None,
+        stdout: String::new(),
+        stderr: String::new(),
+    };
+    if let Err(e) = drive(setup, &mut run) {
+        run.failure = Some(e);
+    }
+    run
+}
+
+fn drive(setup: &Setup<'_>, run: &mut Run) -> Result<()> {
+    let (opts, sc) = (setup.opts, run.scenario);
+    eprintln!("vsock bench: {}", sc.name());
+    let uds = setup.dir.join(format!("{}.sock", sc.name()));
+    let mut args: Vec<OsString> = vec!["run".into()];
+    if opts.no_seccomp {
+        args.push("--no-seccomp".into());
+    }
+    args.extend(["--kernel".into(), setup.kernel.into()]);
+    let mut vsock = OsString::from(format!("{CID},uds="));
+    vsock.push(&uds);
+    args.push("--vsock".into());
+    args.push(vsock);
+    for (flag, value) in [
+        ("--cpus", "1".to_string()),
+        ("--memory", "128".to_string()),
+        ("--console", "tty".to_string()),
+        ("--timeout", (opts.seconds + 60).to_string()),
+        (
+            "--cmdline",
+            format!(
+                "probe.tests=vsockbench probe.vsockbench={} probe.vsockbench_port={PORT} \
+                 probe.vsockbench_ms={}",
+                sc.mode(),
+                opts.seconds * 1000
+            ),
+        ),
+    ] {
+        args.push(flag.into());
+        args.push(value.into());
+    }
+    let mut vmm = Vmm::spawn(&opts.vmm, &args)?;
+    let talked = (|| -> Result<()> {
+        let ready = vmm
+            .wait_line(
+                |l| l.starts_with("probe: vsockbench ready") || l.contains(" FAIL "),
+                READY_TIMEOUT,
+            )
+            .map_err(|e| format!("waiting for the guest to get ready: {e}"))?;
+        if !ready.line.starts_with("probe: vsockbench ready") {
+            return Err(format!("the guest failed: {}", ready.line));
+        }
+        run.ready = Some(ready.line.clone());
+        if let Some(p) = &setup.pinning {
+            p.apply(vmm.pid())?;
+        }
+        let pinning = setup.pinning.clone();
+        let (seconds, size) = (opts.seconds, opts.size);
+        let client = thread::spawn(move || -> Result<Host> {
+            if let Some(p) = pinning {
+                // rtt: the client and the device thread take turns, so they share a CPU;
+                // otherwise they run at once, and the client goes beside the vCPU.
+                let _ = match sc {
+                    Scenario::Rtt => p.apply_here_device(),
+                    Scenario::H2g | Scenario::G2h => p.apply_here(),
+                };
+            }
+            let mut stream = connect(&uds)?;
+            let fail = |e: io::Error| format!("{}: {e}", sc.name());
+            match sc {
+                Scenario::Rtt => ping_pong(&mut stream, size, seconds).map_err(fail),
+                Scenario::H2g => push(&mut stream, seconds).map_err(fail),
+                Scenario::G2h => pull(&mut stream).map_err(fail),
+            }
+        });
+        let result = vmm.wait_line(
+            |l| l.starts_with(&format!("probe: vsockbench {} ", sc.mode())) || l.contains(" FAIL "),
+            Duration::from_secs(opts.seconds) + RESULT_SLACK,
+        );
+        let host = client
+            .join()
+            .map_err(|_| "the client thread panicked".to_string())?;
+        let result = result.map_err(|e| format!("waiting for the guest's figures: {e}"))?;
+        if result.line.contains(" FAIL ") {
+            return Err(format!("the guest failed: {}", result.line));
+        }
+        run.host = Some(host?);
+        run.guest = Guest::parse(&result.line);
+        if run.guest.is_none() {
+            return Err(format!("no figures in {:?}", result.line));
+        }
+        if let (Some(a), Some(b)) = (ready.cpu, result.cpu) {
+            run.cpu = Some(b.since(&a));
+        }
+        Ok(())
+    })();
+    if talked.is_err() {
+        vmm.kill();
+    }
+    let finished = vmm.finish()?;
+    run.ended = Some((
+        describe_status(finished.status),
+        finished.cpu_s,
+        finished.wall_s,
+    ));
+    run.stdout = finished.stdout;
+    run.stderr = finished.stderr;
+    talked?;
+    if !finished.status.success() {
+        return Err(format!(
+            "the VMM ended with {}",
+            describe_status(finished.status)
+        ));
+    }
+    Ok(())
+}
+
+// --- report -------------------------------------------------------------------------------------
+
+fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
+    let opts = setup.opts;
+    let mut out = String::new();
+    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    let _ = writeln!(
+        out,
+        "cgvm vsock benchmark: {}, kernel {}, {cpus} host CPUs",
+        opts.vmm.display(),
+        setup.kernel.display()
+    );
+    let _ = writeln!(
+        out,
+        "guest CID {CID} port {PORT}, 1 vCPU, {} s per scenario, load average before: {}; {}",
+        opts.seconds,
+        setup.load_before,
+        setup
+            .pinning
+            .as_ref()
+            .map_or("threads not pinned".to_string(), Pinning::describe)
+    );
+    let cpu_per = |run: &Run, n: f64, scale: f64| -> (String, String) {
+        match run.cpu {
+            Some(c) if n > 0.0 => (
+                format!("{:.3}", c.device_s * scale / n),
+                format!("{:.3}", c.total_s() * scale / n),
+            ),
+            _ => ("-".to_string(), "-".to_string()),
+        }
+    };
+    for run in runs {
+        let sc = run.scenario;
+        let (Some(g), Some(h)) = (run.guest, run.host.as_ref()) else {
+            let _ = writeln!(out, "{}: no figures", sc.name());
+            continue;
+        };
+        match sc {
+            Scenario::Rtt => {
+                let mut rtts = h.rtts_us.clone();
+                rtts.sort_by(f64::total_cmp);
+                let n = rtts.len();
+                let mean = rtts.iter().sum::<f64>() / n.max(1) as f64;
+                let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+                let (dev, all) = cpu_per(run, n as f64, 1e6);
+                let _ = writeln!(
+                    out,
+                    "rtt {} bytes: {n} round trips in {:.2} s ({:.0}/s), p50 {} us, p99 {} us, \
+                     mean {mean:.1} us, max {} us; CPU per round trip: dev {dev} us, VMM {all} us",
+                    opts.size,
+                    h.seconds,
+                    n as f64 / h.seconds.max(1e-9),
+                    show(median(&rtts)),
+                    show(percentile(&rtts, 99.0)),
+                    show(rtts.last().copied()),
+                );
+            }
+            Scenario::H2g => {
+                let bytes = g.rx_bytes as f64;
+                let (dev, all) = cpu_per(run, bytes, 1e9);
+                let _ = writeln!(
+                    out,
+                    "h2g 64 KiB writes: {:.3} Gbit/s ({:.0} MiB/s) by the guest's count ({} bytes \
+                     in {} packets over {:.3} s); host wrote {:.0} MiB/s; CPU per byte: dev {dev} \
+                     ns, VMM {all} ns",
+                    bytes * 8.0 / g.ns.max(1) as f64,
+                    bytes * 1e9 / g.ns.max(1) as f64 / (1 << 20) as f64,
+                    g.rx_bytes,
+                    g.rx_packets,
+                    g.ns as f64 / 1e9,
+                    h.written as f64 / h.seconds.max(1e-9) / (1 << 20) as f64,
+                );
+            }
+            Scenario::G2h => {
+                let bytes = h.read as f64;
+                let (dev, all) = cpu_per(run, bytes, 1e9);
+                let _ = writeln!(
+                    out,
+                    "g2h 64 KiB packets: {:.3} Gbit/s ({:.0} MiB/s) read by the host ({} bytes \
+                     over {:.3} s; the guest sent {} bytes in {} packets); CPU per byte: dev \
+                     {dev} ns, VMM {all} ns",
+                    bytes * 8.0 / h.seconds.max(1e-9) / 1e9,
+                    bytes / h.seconds.max(1e-9) / (1 << 20) as f64,
+                    h.read,
+                    h.seconds,
+                    g.tx_bytes,
+                    g.tx_packets,
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "dev: the CPU time of the VMM's virtio-vsock thread, VMM: of all its threads (the vCPU \
+         thread polls all the time), from the guest's ready line to its figures \
+         (/proc/PID/task/*/stat, 10 ms ticks), over the round trips or bytes."
+    );
+    for run in runs {
+        let _ = writeln!(out, "{}:", run.scenario.name());
+        if let Some(ready) = &run.ready {
+            let _ = writeln!(out, "    {ready}");
+        }
+        if let Some(g) = run.guest {
+            let _ = writeln!(
+                out,
+                "    guest: received {} bytes in {} packets, sent {} bytes in {} packets, {} \
+                 credit updates, {:.3} s from the first data packet to the last",
+                g.rx_bytes,
+                g.rx_packets,
+                g.tx_bytes,
+                g.tx_packets,
+                g.credit_updates,
+                g.ns as f64 / 1e9
+            );
+        }
+        if let Some(h) = &run.host {
+            let _ = writeln!(
+                out,
+                "    host: wrote {} bytes, read {} bytes",
+                h.written, h.read
+            );
+        }
+        if let Some(c) = run.cpu {
+            let _ = writeln!(
+                out,
+                "    VMM CPU in that window: {:.2} s device thread, {:.2} s vCPU, {:.2} s other",
+                c.device_s, c.vcpu_s, c.other_s
+            );
+        }
+        if let Some((status, cpu_s, wall_s)) = &run.ended {
+            let _ = writeln!(
+                out,
+                "    VMM: {status}, {cpu_s:.2} s CPU in {wall_s:.2} s wall-clock (boot included)"
+            );
+        }
+        if let Some(why) = &run.failure {
+            let _ = writeln!(out, "    FAILED: {why}");
+            for line in tail(&run.stdout, TAIL_LINES) {
+                let _ = writeln!(out, "    stdout: {line}");
+            }
+            for line in tail(&run.stderr, TAIL_LINES) {
+                let _ = writeln!(out, "    stderr: {line}");
+            }
+        }
+    }
+    out
+}
+
+// --- main ---------------------------------------------------------------------------------------
+
+fn bench(opts: &Options) -> Result<bool> {
+    if !opts.vmm.is_file() {
+        return Err(format!(
+            "{} does not exist: build it (cargo build --release) or pass --vmm PATH",
+            opts.vmm.display()
+        ));
+    }
+    let temp = TempDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "vsock-bench")?;
+    let kernel = match &opts.kernel {
+        Some(kernel) => kernel.clone(),
+        None => build_probe_guest(&temp.0, "vsock bench")?,
+    };
+    let setup = Setup {
+        opts,
+        kernel: &kernel,
+        dir: &temp.0,
+        pinning: if opts.pin { Pinning::plan() } else { None },
+        load_before: vmm::load_average(),
+    };
+    let runs: Vec<Run> = opts
+        .scenarios
+        .iter()
+        .map(|&sc| run_scenario(&setup, sc))
+        .collect();
+    print!("{}", report(&setup, &runs));
+    Ok(runs.iter().all(|r| r.failure.is_none()))
+}
+
+fn main() -> ExitCode {
+    let request = parse_args(env::args_os().skip(1));
+    common::finish("vsock bench", USAGE, request, bench)
+}
