@@ -101,6 +101,34 @@ fn streams_cross_both_ways_with_concurrent_connections_and_a_client_that_dies() 
 }
 
 #[test]
+fn large_guest_buffers_stream_64k_packets_under_the_device_filter() {
+    // The vsockbench check posts 64 KiB receive buffers and sends 64 KiB packets: the device
+    // thread copies whole packets, which once grew its heap with a syscall (mprotect) its
+    // seccomp filter lacked and killed the VMM. The filters are on here, as by default.
+    let d = scratch("vsock-large");
+    let (child, uds, console) = start(
+        &d,
+        "probe.tests=vsockbench probe.vsockbench=source probe.vsockbench_ms=300",
+    );
+    let mut s = connect(&uds, 52);
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => panic!("read after {total} bytes: {e}"),
+        }
+    }
+    drop(s);
+    let (code, err) = finish(child);
+    let out = std::fs::read_to_string(&console).unwrap_or_default();
+    assert_eq!(code, Some(0), "{err}\n{out}");
+    assert!(out.contains("probe: vsockbench ok"), "{out}");
+    assert!(total > 1 << 20, "only {total} bytes arrived");
+}
+
+#[test]
 fn bad_vsock_settings_are_refused_before_the_guest_starts() {
     let d = scratch("vsock-bad");
     let in_use = d.join("in-use.sock");

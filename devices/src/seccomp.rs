@@ -39,6 +39,9 @@ pub const DEVICE_THREAD_BASE: &[i64] = &[
     libc::SYS_mremap,
     libc::SYS_madvise,
     libc::SYS_brk,
+    // glibc's malloc grows a thread's own arena with mprotect (a vsock thread copying 64 KiB
+    // packets for a guest with large buffers does).
+    libc::SYS_mprotect,
     // Also what closes what a runtime change retires on the device thread: a swapped-out
     // image and its overlay, its ring and the ring's eventfd, a replaced limiter's timerfd.
     libc::SYS_close,
