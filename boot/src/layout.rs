@@ -38,6 +38,40 @@ pub const MMIO32_END: u64 = 0x1_0000_0000;
 pub const BOOT_TIMER_START: u64 = 0xc000_0000;
 /// Size of the boot timer's MMIO window.
 pub const BOOT_TIMER_SIZE: u64 = 0x1000;
+/// The 32-bit window the PCI host bridge gives to BARs (after the virtio-mmio windows, before
+/// the ECAM region).
+pub const PCI_MMIO32_START: u64 = 0xd000_0000;
+/// Size of the 32-bit PCI BAR window.
+pub const PCI_MMIO32_SIZE: u64 = 0x1000_0000;
+/// PCI Express enhanced configuration access (ECAM, the MCFG table's base): 4 KiB per
+/// function, 32 devices of 8 functions on bus 0, the only bus.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// Size of the ECAM region: bus 0 only.
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// The last PCI bus number (bus 0 is the only one).
+pub const PCI_LAST_BUS: u8 = 0;
+/// Size of the 64-bit PCI BAR window, which starts at [`pci_mmio64_start`].
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+/// PCI configuration mechanism #1: the address port (0xcf8) and the data ports (0xcfc..0xcff).
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
+/// Size of the configuration port range (0xcf8..0xd00).
+pub const PCI_CONFIG_PORT_SIZE: u64 = 8;
+/// First GSI for MSI routes: above the IOAPIC's 24 pins.
+pub const MSI_GSI_START: u32 = 24;
+
+/// Where the 64-bit PCI BAR window starts for a machine with `mem_size` bytes of RAM: the first
+/// 1 GiB boundary above both 4 GiB and the end of RAM (RAM above the 32-bit hole starts at
+/// 4 GiB).
+pub fn pci_mmio64_start(mem_size: u64) -> u64 {
+    const GIB: u64 = 1 << 30;
+    let ram_end = if mem_size > MMIO32_START {
+        MMIO32_END + (mem_size - MMIO32_START)
+    } else {
+        MMIO32_END
+    };
+    ram_end.div_ceil(GIB) * GIB
+}
+
 /// The in-kernel IOAPIC.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APICs.
@@ -65,3 +99,19 @@ pub const ACPI_RESET_PORT: u16 = 0x3c2;
 pub const ACPI_RESET_VALUE: u8 = 0x01;
 /// pvpanic port, as QEMU's `pvpanic` ISA device.
 pub const PVPANIC_PORT: u16 = 0x505;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pci_windows_sit_in_the_hole_and_above_ram() {
+        assert!(PCI_MMIO32_START >= BOOT_TIMER_START + 0x10_0000);
+        assert_eq!(PCI_MMIO32_START + PCI_MMIO32_SIZE, PCI_ECAM_START);
+        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+        assert_eq!(pci_mmio64_start(256 << 20), 4 << 30);
+        assert_eq!(pci_mmio64_start(MMIO32_START), 4 << 30);
+        assert_eq!(pci_mmio64_start(MMIO32_START + 1), 5 << 30);
+        assert_eq!(pci_mmio64_start(8 << 30), 9 << 30);
+    }
+}
