@@ -71,8 +71,15 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, u64)> {
 }
 
 /// The e820 map for `mem_size` bytes of RAM: low RAM below the EBDA, the BIOS area (where
-/// the ACPI tables live) reserved, RAM from 1 MiB to the MMIO hole, RAM above 4 GiB.
-pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
+/// the ACPI tables live) reserved, RAM from 1 MiB to the MMIO hole, RAM above 4 GiB; in
+/// address order.
+///
+/// `pci`: the machine has the PCI host bridge, whose ECAM region
+/// ([`layout::PCI_ECAM_START`], [`layout::PCI_ECAM_SIZE`]) is then reserved too: Linux uses
+/// the MCFG's ECAM only where it finds it reserved, in e820 (older kernels, and early, before
+/// ACPI is up) or in the ACPI motherboard resources. The BAR windows stay out of the map:
+/// Linux may clip reserved ranges out of the host bridge's windows.
+pub fn e820_map(mem_size: u64, pci: bool) -> Vec<E820Entry> {
     let mut v = vec![
         E820Entry {
             addr: 0,
@@ -96,8 +103,23 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
             });
         }
     }
+    if pci {
+        // In the 32-bit hole: after the low RAM, before the RAM at 4 GiB.
+        let at = v.partition_point(|e| e.addr < layout::PCI_ECAM_START);
+        v.insert(
+            at,
+            E820Entry {
+                addr: layout::PCI_ECAM_START,
+                size: layout::PCI_ECAM_SIZE,
+                kind: E820_RESERVED,
+            },
+        );
+    }
     v
 }
+
+const _: () = assert!(layout::PCI_ECAM_START >= layout::MMIO32_START);
+const _: () = assert!(layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE <= layout::MMIO32_END);
 
 /// Writes the NUL-terminated command line at [`layout::CMDLINE_START`].
 pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result<(), ParamsError> {
@@ -123,7 +145,8 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result
         })
 }
 
-/// Fills and writes the zero page for the Linux 64-bit boot protocol.
+/// Fills and writes the zero page for the Linux 64-bit boot protocol; its e820 map is
+/// [`e820_map`]`(mem_size, pci)`.
 pub fn write_zero_page(
     mem: &GuestMemoryMmap,
     setup: Option<setup_header>,
@@ -131,6 +154,7 @@ pub fn write_zero_page(
     initrd: Option<LoadedInitrd>,
     rsdp: Option<GuestAddress>,
     mem_size: u64,
+    pci: bool,
 ) -> Result<(), ParamsError> {
     let mut params = boot_params::default();
     if let Some(hdr) = setup {
@@ -153,7 +177,7 @@ pub fn write_zero_page(
     if let Some(r) = rsdp {
         params.acpi_rsdp_addr = r.raw_value();
     }
-    let map = e820_map(mem_size);
+    let map = e820_map(mem_size, pci);
     for (slot, e) in params.e820_table.iter_mut().zip(map.iter().take(E820_MAX)) {
         *slot = boot_e820_entry {
             addr: e.addr,
@@ -188,13 +212,14 @@ struct ModlistEntry(hvm_modlist_entry);
 // SAFETY: hvm_modlist_entry is repr(C) plain data made of integers.
 unsafe impl ByteValued for ModlistEntry {}
 
-/// Writes `hvm_start_info`, the initrd as its one module and the memory map, for a PVH entry.
-/// Returns the address the vCPU gets in EBX.
+/// Writes `hvm_start_info`, the initrd as its one module and the memory map
+/// ([`e820_map`]`(mem_size, pci)`), for a PVH entry. Returns the address the vCPU gets in EBX.
 pub fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     initrd: Option<LoadedInitrd>,
     rsdp: Option<GuestAddress>,
     mem_size: u64,
+    pci: bool,
 ) -> Result<GuestAddress, ParamsError> {
     let err = |source| ParamsError::Memory {
         what: "the PVH start info",
@@ -203,7 +228,7 @@ pub fn write_pvh_start_info(
     let start = GuestAddress(layout::PVH_INFO_START);
     let modlist = start.unchecked_add(std::mem::size_of::<StartInfo>() as u64);
     let memmap = modlist.unchecked_add(std::mem::size_of::<ModlistEntry>() as u64);
-    let map = e820_map(mem_size);
+    let map = e820_map(mem_size, pci);
     let mut info = hvm_start_info {
         magic: HVM_START_MAGIC,
         version: 1,
@@ -258,7 +283,7 @@ mod tests {
 
     #[test]
     fn e820_for_small_memory_has_low_ram_bios_hole_and_high_ram() {
-        let m = e820_map(256 << 20);
+        let m = e820_map(256 << 20, false);
         assert_eq!(
             m,
             vec![
@@ -285,7 +310,7 @@ mod tests {
     #[test]
     fn e820_above_the_mmio_hole_continues_at_4gib() {
         let size = 5u64 << 30;
-        let m = e820_map(size);
+        let m = e820_map(size, false);
         let last = m.last().unwrap();
         assert_eq!(last.addr, 4 << 30);
         assert_eq!(last.size, 2 << 30);
@@ -315,6 +340,7 @@ mod tests {
             Some(initrd),
             Some(GuestAddress(0xe0000)),
             128 << 20,
+            false,
         )
         .unwrap();
         let p: boot_params = g.read_obj(GuestAddress(layout::ZERO_PAGE_START)).unwrap();
@@ -357,7 +383,8 @@ mod tests {
             addr: GuestAddress(0x300_0000),
             size: 99,
         };
-        let at = write_pvh_start_info(&g, Some(i), Some(GuestAddress(0xe0000)), 64 << 20).unwrap();
+        let rsdp = Some(GuestAddress(0xe0000));
+        let at = write_pvh_start_info(&g, Some(i), rsdp, 64 << 20, false).unwrap();
         let info: StartInfo = g.read_obj(at).unwrap();
         let info = info.0;
         assert_eq!(info.magic, HVM_START_MAGIC);
@@ -369,5 +396,104 @@ mod tests {
         let e: MemmapEntry = g.read_obj(GuestAddress(info.memmap_paddr + 48)).unwrap();
         assert_eq!((e.0.addr, e.0.type_), (0x10_0000, E820_RAM));
         assert!(info.memmap_paddr + 72 <= layout::ZERO_PAGE_START);
+    }
+
+    const ECAM: E820Entry = E820Entry {
+        addr: 0xe000_0000,
+        size: 0x10_0000,
+        kind: E820_RESERVED,
+    };
+
+    /// The map of a 5 GiB machine without PCI, as it was before PCI existed.
+    fn map_5g_without_pci() -> Vec<E820Entry> {
+        vec![
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: E820_RAM,
+            },
+            E820Entry {
+                addr: 0x9fc00,
+                size: 0x60400,
+                kind: E820_RESERVED,
+            },
+            E820Entry {
+                addr: 0x10_0000,
+                size: 0xc000_0000 - 0x10_0000,
+                kind: E820_RAM,
+            },
+            E820Entry {
+                addr: 4 << 30,
+                size: (5 << 30) - 0xc000_0000,
+                kind: E820_RAM,
+            },
+        ]
+    }
+
+    #[test]
+    fn e820_without_pci_has_no_ecam_entry() {
+        assert_eq!(e820_map(5 << 30, false), map_5g_without_pci());
+        for size in [16u64 << 20, 256 << 20, 3 << 30, 0xc000_0000, 5 << 30] {
+            let m = e820_map(size, false);
+            assert!(
+                m.iter().all(
+                    |e| e.addr + e.size <= layout::MMIO32_START || e.addr >= layout::MMIO32_END
+                ),
+                "{size:#x}: {m:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn e820_with_pci_reserves_the_ecam_region_in_address_order() {
+        let mut want = map_5g_without_pci();
+        want.insert(3, ECAM);
+        assert_eq!(e820_map(5 << 30, true), want);
+
+        for size in [
+            16u64 << 20,
+            256 << 20,
+            3 << 30,
+            0xc000_0000,
+            5 << 30,
+            64 << 30,
+        ] {
+            let with = e820_map(size, true);
+            let mut without = e820_map(size, false);
+            // The same map plus one entry: the ECAM region, reserved.
+            let at = with.iter().position(|e| *e == ECAM).unwrap();
+            without.insert(at, ECAM);
+            assert_eq!(with, without, "{size:#x}");
+            assert_eq!(with.iter().filter(|e| **e == ECAM).count(), 1);
+            assert_eq!(ram_total(&with), ram_total(&e820_map(size, false)));
+            for w in with.windows(2) {
+                assert!(w[0].addr + w[0].size <= w[1].addr, "{size:#x}: {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_page_and_pvh_start_info_carry_the_ecam_entry_with_pci() {
+        let g = mem(128 << 20);
+        let rsdp = Some(GuestAddress(0xe0000));
+        write_zero_page(&g, None, 1, None, rsdp, 128 << 20, true).unwrap();
+        let p: boot_params = g.read_obj(GuestAddress(layout::ZERO_PAGE_START)).unwrap();
+        assert_eq!(p.e820_entries, 4);
+        let e = p.e820_table[3];
+        assert_eq!(
+            ({ e.addr }, { e.size }, { e.r#type }),
+            (0xe000_0000, 0x10_0000, E820_RESERVED)
+        );
+
+        let at = write_pvh_start_info(&g, None, rsdp, 128 << 20, true).unwrap();
+        let info: StartInfo = g.read_obj(at).unwrap();
+        assert_eq!(info.0.memmap_entries, 4);
+        let e: MemmapEntry = g
+            .read_obj(GuestAddress(info.0.memmap_paddr + 3 * 24))
+            .unwrap();
+        assert_eq!(
+            (e.0.addr, e.0.size, e.0.type_),
+            (0xe000_0000, 0x10_0000, E820_RESERVED)
+        );
     }
 }

@@ -345,6 +345,7 @@ pub fn build(
         &boot::acpi::AcpiConfig {
             num_cpus: config.vcpus,
             virtio_mmio_devices: virtio.acpi_devices(),
+            pci: None,
         },
     )?;
     let boot_info = match kernel.mode {
@@ -356,10 +357,13 @@ pub fn build(
                 initrd,
                 Some(rsdp),
                 mem_size,
+                false,
             )?;
             GuestAddress(layout::ZERO_PAGE_START)
         }
-        EntryMode::Pvh => boot::params::write_pvh_start_info(mem, initrd, Some(rsdp), mem_size)?,
+        EntryMode::Pvh => {
+            boot::params::write_pvh_start_info(mem, initrd, Some(rsdp), mem_size, false)?
+        }
     };
     boot::regs::write_boot_tables(mem, kernel.mode)?;
 

@@ -33,6 +33,27 @@ fn config(num_cpus: u8, n_devices: usize) -> AcpiConfig {
     AcpiConfig {
         num_cpus,
         virtio_mmio_devices: devices(n_devices),
+        pci: None,
+    }
+}
+
+/// A machine with PCI and 8 GiB of RAM (the 64-bit window at 9 GiB), and `n_devices`
+/// virtio-mmio devices as the VMM places them: after the boot timer, below the PCI windows,
+/// IRQs 5..16 (wrapping), clear of the INTx GSIs.
+fn pci_config(num_cpus: u8, n_devices: usize) -> AcpiConfig {
+    let virtio_mmio_devices = (0..n_devices)
+        .map(|i| VirtioMmioDevice {
+            base: 0xc000_1000 + 0x1000 * i as u64,
+            size: 0x1000,
+            irq: 5 + (i as u32 % 11),
+        })
+        .collect();
+    AcpiConfig {
+        num_cpus,
+        virtio_mmio_devices,
+        pci: Some(PciConfig {
+            mmio64_start: layout::pci_mmio64_start(8 << 30),
+        }),
     }
 }
 
@@ -101,6 +122,9 @@ impl Found {
     }
     fn madt(&self) -> &[u8] {
         self.listed(b"APIC")
+    }
+    fn mcfg(&self) -> &[u8] {
+        self.listed(b"MCFG")
     }
 }
 
@@ -193,7 +217,14 @@ fn xsdt_lists_the_fadt_and_the_madt() {
 
 #[test]
 fn every_table_sums_to_zero_is_aligned_and_inside_the_area() {
-    for cfg in [config(1, 0), config(2, 3), config(32, 19), config(255, 256)] {
+    for cfg in [
+        config(1, 0),
+        config(2, 3),
+        config(32, 19),
+        config(255, 256),
+        pci_config(1, 0),
+        pci_config(255, 256),
+    ] {
         let (_mem, _, found) = create(&cfg);
         let mut all: Vec<(u64, &[u8])> = vec![(found.xsdt_addr, &found.xsdt)];
         all.extend(found.listed.iter().map(|(a, t)| (*a, t.as_slice())));
@@ -415,6 +446,7 @@ fn invalid_virtio_mmio_devices_are_errors() {
         let cfg = AcpiConfig {
             num_cpus: 1,
             virtio_mmio_devices: vec![ok, d],
+            pci: None,
         };
         let err = create_acpi_tables(&mem, &cfg).unwrap_err();
         assert!(
@@ -430,6 +462,7 @@ fn invalid_virtio_mmio_devices_are_errors() {
     let cfg = AcpiConfig {
         num_cpus: 1,
         virtio_mmio_devices: vec![edge],
+        pci: None,
     };
     assert!(create_acpi_tables(&mem, &cfg).is_ok());
 }
@@ -437,7 +470,7 @@ fn invalid_virtio_mmio_devices_are_errors() {
 #[test]
 fn tables_that_do_not_fit_are_an_error_not_a_panic() {
     // The largest configuration fits the real area...
-    let big = config(MAX_CPUS, MAX_VIRTIO_MMIO_DEVICES);
+    let big = pci_config(MAX_CPUS, MAX_VIRTIO_MMIO_DEVICES);
     let t = build_tables(&big, layout::RSDP_START, layout::ACPI_END).unwrap();
     let end = t
         .tables
@@ -581,6 +614,7 @@ fn iasl_round_trip() {
                 irq: 6,
             },
         ],
+        pci: None,
     };
     let (_mem, _, found) = create(&cfg);
 
@@ -693,11 +727,378 @@ fn iasl_madt_for_32_vcpus() {
 #[test]
 fn iasl_check_notices_a_bad_checksum() {
     let dir = Scratch::new("bad-checksum");
-    let (_mem, _, found) = create(&config(1, 1));
-    for (stem, table) in [("apic", found.madt()), ("dsdt", found.dsdt.as_slice())] {
+    let (_mem, _, found) = create(&pci_config(1, 1));
+    for (stem, table) in [
+        ("apic", found.madt()),
+        ("mcfg", found.mcfg()),
+        ("dsdt", found.dsdt.as_slice()),
+    ] {
         let mut bad = table.to_vec();
         bad[9] = bad[9].wrapping_add(1);
         let err = try_disassemble(&dir.0, stem, &bad).unwrap_err();
         assert!(err.contains("checksum"), "{stem}: {err}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PCI
+
+/// FNV-1a, 64-bit: a fingerprint of the bytes of the whole ACPI area.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Without PCI, the ACPI area holds exactly what it held before PCI was added: these are the
+/// fingerprints of the whole area (RSDP_START..ACPI_END) that the tables of the MMIO-only
+/// machine had then. A deliberate change to those tables updates them.
+#[test]
+fn without_pci_the_tables_are_byte_identical_to_the_mmio_only_machine() {
+    for (cpus, devices, fingerprint) in [
+        (1u8, 0usize, 0x5115_232b_9ed2_a95d),
+        (2, 3, 0x4c04_f6e9_18c6_9623),
+        (4, 1, 0xb1da_7f4d_9b97_fdb9),
+        (255, 256, 0x19af_955e_937f_5e31),
+    ] {
+        let (mem, _, found) = create(&config(cpus, devices));
+        let area = read(
+            &mem,
+            layout::RSDP_START,
+            (layout::ACPI_END - layout::RSDP_START) as usize,
+        );
+        assert_eq!(
+            fnv1a(&area),
+            fingerprint,
+            "the tables for {cpus} vCPUs and {devices} virtio-mmio devices changed"
+        );
+        assert!(!found.listed.iter().any(|(_, t)| &t[0..4] == b"MCFG"));
+        assert_eq!(count(&found.dsdt, b"PCI0"), 0);
+        assert_eq!(count(&found.dsdt, b"_PRT"), 0);
+    }
+}
+
+#[test]
+fn with_pci_the_xsdt_lists_the_mcfg_after_the_fadt_and_the_madt() {
+    let (_mem, _, found) = create(&pci_config(2, 1));
+    let signatures: Vec<&[u8]> = found.listed.iter().map(|(_, t)| &t[0..4]).collect();
+    assert_eq!(signatures, vec![&b"FACP"[..], &b"APIC"[..], &b"MCFG"[..]]);
+    assert_eq!(found.xsdt.len(), 36 + 3 * 8);
+    // PCI adds the MCFG and a DSDT device; the FADT (the DSDT stays first, at the same
+    // address) and the MADT stay as they were.
+    let (_mem, _, without) = create(&config(2, 1));
+    assert_eq!(found.dsdt_addr, without.dsdt_addr);
+    assert_eq!(found.fadt(), without.fadt());
+    assert_eq!(found.madt(), without.madt());
+}
+
+/// MCFG layout from the PCI Firmware Specification 3.3, table 4-3, independent of
+/// `acpi_tables`.
+#[test]
+fn mcfg_has_one_allocation_for_the_ecam_of_segment_0_bus_0() {
+    let (_mem, _, found) = create(&pci_config(1, 0));
+    let m = found.mcfg();
+    assert_eq!(
+        m.len(),
+        60,
+        "header, 8 reserved bytes, one 16-byte allocation"
+    );
+    assert_eq!(u32_at(m, 4), 60, "MCFG length");
+    assert_eq!(sum(m), 0, "MCFG checksum");
+    assert_eq!(m[8], 1, "MCFG revision");
+    assert_eq!(&m[10..16], b"CGVM  ");
+    assert_eq!(&m[16..24], b"CGVMMCFG");
+    assert_eq!(u64_at(m, 36), 0, "reserved");
+    assert_eq!(u64_at(m, 44), 0xe000_0000, "ECAM base");
+    assert_eq!(u64_at(m, 44), layout::PCI_ECAM_START);
+    assert_eq!(u16_at(m, 52), 0, "segment group");
+    assert_eq!(m[54], 0, "start bus");
+    assert_eq!(m[55], layout::PCI_LAST_BUS, "end bus");
+    assert_eq!(u32_at(m, 56), 0, "reserved");
+    // The allocation covers exactly the ECAM region: 1 MiB per bus.
+    let buses = u64::from(m[55] - m[54]) + 1;
+    assert_eq!(buses << 20, layout::PCI_ECAM_SIZE);
+}
+
+#[test]
+fn pci_intx_gsi_swizzles_slots_and_pins_over_gsis_16_to_23() {
+    assert_eq!(pci_intx_gsi(0, 0), 16);
+    assert_eq!(pci_intx_gsi(1, 0), 17);
+    assert_eq!(pci_intx_gsi(1, 3), 20);
+    assert_eq!(pci_intx_gsi(7, 0), 23);
+    assert_eq!(pci_intx_gsi(7, 1), 16);
+    assert_eq!(pci_intx_gsi(8, 0), 16);
+    assert_eq!(pci_intx_gsi(31, 3), 18);
+    for slot in 0..PCI_SLOTS {
+        let pins: HashSet<u32> = (0..4).map(|pin| pci_intx_gsi(slot, pin)).collect();
+        assert_eq!(pins.len(), 4, "slot {slot}: its four pins share no GSI");
+        assert!(pins.iter().all(|g| (16..24).contains(g)), "slot {slot}");
+    }
+}
+
+#[test]
+fn with_pci_virtio_mmio_devices_cannot_take_an_intx_gsi() {
+    let mem = guest_mem();
+    let mut cfg = pci_config(1, 0);
+    for irq in 16..24 {
+        cfg.virtio_mmio_devices = vec![VirtioMmioDevice {
+            base: 0xc000_1000,
+            size: 0x1000,
+            irq,
+        }];
+        let err = create_acpi_tables(&mem, &cfg).unwrap_err();
+        assert!(
+            matches!(err, AcpiError::InvalidVirtioMmioDevice { index: 0, .. }),
+            "IRQ {irq}: {err}"
+        );
+        // Without PCI the GSI is free for it.
+        let cfg = AcpiConfig {
+            pci: None,
+            ..cfg.clone()
+        };
+        assert!(create_acpi_tables(&mem, &cfg).is_ok(), "IRQ {irq}");
+    }
+    cfg.virtio_mmio_devices[0].irq = 15;
+    assert!(create_acpi_tables(&mem, &cfg).is_ok());
+}
+
+#[test]
+fn pci_io_window_clears_every_legacy_port() {
+    let legacy = [
+        (layout::I8042_PORT, 5),
+        (layout::CMOS_PORT, 2),
+        (layout::EXIT_PORT, 1),
+        (layout::ACPI_SLEEP_CONTROL_PORT, 3),
+        (layout::COM1_PORT, 8),
+        (layout::PVPANIC_PORT, 1),
+        (layout::PCI_CONFIG_PORT, layout::PCI_CONFIG_PORT_SIZE as u16),
+        // KVM's in-kernel PIC (0x20, 0xa0, ELCR 0x4d0) and PIT (0x40..0x44, speaker 0x61).
+        (0x20, 2),
+        (0xa0, 2),
+        (0x4d0, 2),
+        (0x40, 4),
+        (0x61, 1),
+    ];
+    for (port, len) in legacy {
+        assert!(port + len <= PCI_IO_WINDOW_START, "{port:#x}+{len}");
+    }
+    assert_eq!(PCI_IO_WINDOW_END, 0xffff);
+}
+
+#[test]
+fn invalid_pci_mmio64_windows_are_errors_and_write_nothing() {
+    let mem = guest_mem();
+    let size = layout::PCI_MMIO64_SIZE;
+    for start in [0, 0xd000_0000, 0xffff_ffff, u64::MAX - size + 2, u64::MAX] {
+        let cfg = AcpiConfig {
+            pci: Some(PciConfig {
+                mmio64_start: start,
+            }),
+            ..config(1, 0)
+        };
+        let err = create_acpi_tables(&mem, &cfg).unwrap_err();
+        assert!(
+            matches!(err, AcpiError::InvalidPciMmio64Window(s) if s == start),
+            "{start:#x}: {err}"
+        );
+    }
+    assert!(read(&mem, layout::RSDP_START, 0x1000)
+        .iter()
+        .all(|b| *b == 0));
+    // The edges: right at 4 GiB, and ending at the top of the address space.
+    for start in [4 << 30, u64::MAX - size + 1] {
+        let cfg = AcpiConfig {
+            pci: Some(PciConfig {
+                mmio64_start: start,
+            }),
+            ..config(1, 0)
+        };
+        assert!(create_acpi_tables(&mem, &cfg).is_ok(), "{start:#x}");
+    }
+}
+
+/// The part of a disassembled DSDT from `Device (name)` to the next device or `\_S5`.
+fn device_dsl<'a>(dsl: &'a str, name: &str) -> &'a str {
+    let start = dsl
+        .find(&format!("Device ({name})"))
+        .unwrap_or_else(|| panic!("no Device ({name}) in:\n{dsl}"));
+    let rest = &dsl[start + 1..];
+    let end = [rest.find("Device ("), rest.find("Name (\\_S5")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(rest.len());
+    &dsl[start..start + 1 + end]
+}
+
+/// An integer as iasl writes it: `Zero`, `One`, `Ones` or hex.
+fn dsl_int(token: &str) -> Option<u64> {
+    match token {
+        "Zero" => Some(0),
+        "One" => Some(1),
+        "Ones" => Some(u64::MAX),
+        _ => u64::from_str_radix(token.strip_prefix("0x")?, 16).ok(),
+    }
+}
+
+/// The resource descriptors of the `_CRS` in a disassembled device: (the descriptor's first
+/// line, e.g. `WordIO (ResourceProducer, …`, and its numeric fields in order).
+fn crs_descriptors(device: &str) -> Vec<(String, Vec<u64>)> {
+    let crs = &device[device.find("Name (_CRS").expect("no _CRS")..];
+    let crs = &crs[..crs.find("})").expect("unterminated _CRS")];
+    let mut v: Vec<(String, Vec<u64>)> = Vec::new();
+    for line in crs.lines().skip(2) {
+        let line = line.trim();
+        let value = line.split(',').next().and_then(dsl_int);
+        match value {
+            Some(n) if line.contains("//") => v.last_mut().expect("field first").1.push(n),
+            _ if line.contains(" (") => v.push((line.to_string(), Vec::new())),
+            _ => {}
+        }
+    }
+    v
+}
+
+/// The `_PRT` of a disassembled device: each entry's four elements.
+fn prt_entries(device: &str) -> Vec<[u64; 4]> {
+    let prt = &device[device.find("Name (_PRT").expect("no _PRT")..];
+    let body = &prt[prt.find('{').unwrap() + 1..];
+    let mut entries = Vec::new();
+    let mut rest = body;
+    while let Some(open) = rest.find("Package (0x04)") {
+        let inner = &rest[open..];
+        let inner = &inner[inner.find('{').unwrap() + 1..inner.find('}').unwrap()];
+        let values: Vec<u64> = inner
+            .split(',')
+            .map(|t| dsl_int(t.trim()).unwrap_or_else(|| panic!("{t:?} in _PRT")))
+            .collect();
+        entries.push(values.try_into().expect("four elements"));
+        rest = &rest[open + 1..];
+    }
+    let declared = prt.lines().next().unwrap();
+    assert!(
+        declared.contains(&format!("Package (0x{:02X})", entries.len())),
+        "{declared}: {} entries",
+        entries.len()
+    );
+    entries
+}
+
+#[test]
+fn iasl_round_trip_with_pci() {
+    let dir = Scratch::new("pci");
+    let d = &dir.0;
+    let cfg = pci_config(2, 1);
+    let mmio64 = cfg.pci.unwrap().mmio64_start;
+    assert_eq!(mmio64, 9 << 30);
+    let (_mem, _, found) = create(&cfg);
+
+    // DSDT: the host bridge.
+    let dsl = disassemble(d, "dsdt", &found.dsdt);
+    let pci0 = device_dsl(&dsl, "PCI0");
+    for s in [
+        "Name (_HID, EisaId (\"PNP0A08\")",
+        "Name (_CID, EisaId (\"PNP0A03\")",
+        "Name (_SEG, Zero)",
+        "Name (_BBN, Zero)",
+        "Name (_UID, Zero)",
+    ] {
+        assert!(pci0.contains(s), "PCI0 lacks {s:?}:\n{pci0}");
+    }
+    assert!(!pci0.contains("_ADR"), "a _HID device has no _ADR");
+    assert!(!pci0.contains("_OSC"));
+    assert!(dsl.contains("Scope (_SB)") || dsl.contains("Scope (\\_SB)"));
+
+    let producer = "(ResourceProducer, MinFixed, MaxFixed, PosDecode";
+    let memory = "(ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite";
+    let crs = crs_descriptors(pci0);
+    let want: [(String, Vec<u64>); 5] = [
+        // Granularity, minimum, maximum, translation, length.
+        (format!("WordBusNumber {producer},"), vec![0, 0, 0, 0, 1]),
+        // Minimum, maximum, alignment, length.
+        ("IO (Decode16,".into(), vec![0xcf8, 0xcf8, 1, 8]),
+        (
+            format!("WordIO {producer}, EntireRange,"),
+            vec![0, 0x1000, 0xffff, 0, 0xf000],
+        ),
+        (
+            format!("DWordMemory {memory},"),
+            vec![0, 0xd000_0000, 0xdfff_ffff, 0, 0x1000_0000],
+        ),
+        (
+            format!("QWordMemory {memory},"),
+            vec![0, 9 << 30, (9 << 30) + (64 << 30) - 1, 0, 64 << 30],
+        ),
+    ];
+    assert_eq!(crs, want, "PCI0 _CRS:\n{pci0}");
+    // The windows are those of the layout.
+    assert_eq!(crs[3].1[1], layout::PCI_MMIO32_START);
+    assert_eq!(crs[3].1[4], layout::PCI_MMIO32_SIZE);
+    assert_eq!(crs[4].1[4], layout::PCI_MMIO64_SIZE);
+    assert_eq!(crs[1].1[0], u64::from(layout::PCI_CONFIG_PORT));
+
+    // _PRT: every pin of slots 1..=31, swizzled over GSIs 16..=23.
+    let prt = prt_entries(pci0);
+    assert_eq!(prt.len(), 31 * 4);
+    let mut seen = HashSet::new();
+    for [address, pin, source, gsi] in &prt {
+        let slot = address >> 16;
+        assert_eq!(address & 0xffff, 0xffff, "any function: {address:#x}");
+        assert!((1..32).contains(&slot), "{address:#x}");
+        assert!(*pin < 4);
+        assert_eq!(*source, 0, "a GSI, not a link device");
+        assert_eq!(*gsi, 16 + (slot + pin) % 8, "slot {slot} pin {pin}");
+        assert!(seen.insert((slot, *pin)), "slot {slot} pin {pin} twice");
+    }
+    assert_eq!(prt[0], [0x0001_ffff, 0, 0, 17]);
+    assert_eq!(prt[prt.len() - 1], [0x001f_ffff, 3, 0, 18]);
+
+    // The motherboard resources reserve the ECAM region.
+    let mres = crs_descriptors(device_dsl(&dsl, "MRES"));
+    assert!(
+        mres.contains(&(
+            "Memory32Fixed (ReadWrite,".into(),
+            vec![0xe000_0000, 0x10_0000]
+        )),
+        "{mres:?}"
+    );
+    assert!(device_dsl(&dsl, "MRES").contains("EisaId (\"PNP0C02\")"));
+    let aml = recompile(d, "dsdt");
+    assert_eq!(&aml[0..4], b"DSDT");
+
+    // MCFG
+    let dsl = disassemble(d, "mcfg", found.mcfg());
+    for s in [
+        "Signature : \"MCFG\"",
+        "Table Length : 0000003C",
+        "Base Address : 00000000E0000000",
+        "Segment Group Number : 0000",
+        "Start Bus Number : 00",
+        "End Bus Number : 00",
+    ] {
+        assert!(dsl.contains(s), "MCFG disassembly lacks {s:?}:\n{dsl}");
+    }
+    let aml = recompile(d, "mcfg");
+    assert_same_but_creator(found.mcfg(), &aml, "MCFG");
+
+    // XSDT
+    let dsl = disassemble(d, "xsdt", &found.xsdt);
+    assert_eq!(count_str(&dsl, "ACPI Table Address"), 3, "{dsl}");
+    let aml = recompile(d, "xsdt");
+    assert_same_but_creator(&found.xsdt, &aml, "XSDT");
+}
+
+/// Without PCI the disassembled DSDT has no host bridge and the motherboard resources do not
+/// reserve the ECAM region.
+#[test]
+fn iasl_dsdt_without_pci_has_no_host_bridge() {
+    let dir = Scratch::new("no-pci");
+    let (_mem, _, found) = create(&config(1, 1));
+    let dsl = disassemble(&dir.0, "dsdt", &found.dsdt);
+    for s in ["PCI0", "PNP0A08", "PNP0A03", "_PRT", "_SEG", "_BBN"] {
+        assert!(!dsl.contains(s), "{s} without PCI:\n{dsl}");
+    }
+    let mres = crs_descriptors(device_dsl(&dsl, "MRES"));
+    assert_eq!(mres.len(), 3, "{mres:?}");
+    assert!(!mres.iter().any(|(_, v)| v.contains(&0xe000_0000)));
 }
