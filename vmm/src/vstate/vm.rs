@@ -40,8 +40,8 @@ pub enum VmError {
 pub struct Vm {
     /// The /dev/kvm handle.
     pub kvm: Kvm,
-    /// The VM's fd.
-    pub fd: VmFd,
+    /// The VM's fd (shared with the GSI routing table, which vCPU threads change).
+    pub fd: std::sync::Arc<VmFd>,
     /// Guest memory.
     pub memory: GuestMemoryMmap,
 }
@@ -94,6 +94,10 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        Ok(Self { kvm, fd, memory })
+        Ok(Self {
+            kvm,
+            fd: std::sync::Arc::new(fd),
+            memory,
+        })
     }
 }
