@@ -41,7 +41,11 @@ use std::{env, thread};
 
 mod common;
 
-use common::{build_probe_guest, parse_flags, parse_number, Request, Result, TempDir};
+use common::{
+    at_least_one, check_vmm, clock_ticks_per_s, cpu_seconds, kernel_or_probe, names_some,
+    parse_checked, parse_number, parse_task_stat, pick, tail, wait_for, Request, Result, TempDir,
+    ThreadCpu,
+};
 
 const USAGE: &str = "\
 usage: cargo bench --bench blk -- [OPTIONS]
@@ -123,21 +127,13 @@ impl Default for Options {
 }
 
 fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Options>> {
-    let request = parse_flags(args, USAGE, Options::default(), |opts, flag, value| {
+    let set = |opts: &mut Options, flag: &str, value: &mut dyn FnMut() -> Result<String>| {
         match flag {
             "--seconds" => opts.seconds = parse_number(flag, &value()?)?,
             "--qd" => opts.qd = parse_number(flag, &value()?)?,
             "--engines" => opts.engines = parse_list(&value()?),
             "--workloads" => {
-                opts.workloads = parse_list(&value()?)
-                    .iter()
-                    .map(|name| {
-                        WORKLOADS
-                            .iter()
-                            .find(|w| w.name == name)
-                            .ok_or_else(|| format!("unknown workload {name:?}\n{USAGE}"))
-                    })
-                    .collect::<Result<_>>()?;
+                opts.workloads = pick(&value()?, &WORKLOADS, |w| w.name, "workload", USAGE)?;
             }
             "--file" => opts.file = Some(PathBuf::from(value()?)),
             "--vmm" => opts.vmm = PathBuf::from(value()?),
@@ -145,30 +141,22 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Option
             _ => return Ok(false),
         }
         Ok(true)
-    })?;
-    let Request::Run(opts) = request else {
-        return Ok(request);
     };
-    if opts.seconds == 0 {
-        return Err("--seconds must be at least 1".to_string());
-    }
-    if !(1..=256).contains(&opts.qd) {
-        return Err("--qd must be 1..=256".to_string());
-    }
-    if opts.engines.is_empty() {
-        return Err("--engines names no engine".to_string());
-    }
-    if let Some(e) = opts
-        .engines
-        .iter()
-        .find(|e| !["sync", "uring"].contains(&e.as_str()))
-    {
-        return Err(format!("unknown engine {e:?} (sync or uring)"));
-    }
-    if opts.workloads.is_empty() {
-        return Err("--workloads names no workload".to_string());
-    }
-    Ok(Request::Run(opts))
+    parse_checked(args, USAGE, Options::default(), set, |opts| {
+        at_least_one("--seconds", opts.seconds)?;
+        if !(1..=256).contains(&opts.qd) {
+            return Err("--qd must be 1..=256".to_string());
+        }
+        names_some("--engines", &opts.engines, "engine")?;
+        if let Some(e) = opts
+            .engines
+            .iter()
+            .find(|e| !["sync", "uring"].contains(&e.as_str()))
+        {
+            return Err(format!("unknown engine {e:?} (sync or uring)"));
+        }
+        names_some("--workloads", &opts.workloads, "workload")
+    })
 }
 
 fn parse_list(value: &str) -> Vec<String> {
@@ -426,61 +414,9 @@ fn cgvm_args(opts: &Options, kernel: &Path, file: &Path, engine: &str) -> Vec<Os
     args
 }
 
-/// Waits for the child `pid` with wait4: its exit status and resource usage.
-fn wait_for(pid: u32) -> Result<(ExitStatus, libc::rusage)> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
-    let mut status: libc::c_int = 0;
-    // SAFETY: rusage is a C struct of integers, for which all zeroes is a valid value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: `pid` is our child, not waited for yet (std's Child never waits on drop);
-        // `status` and `usage` are valid and writable for the whole call.
-        let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        if waited == pid {
-            return Ok((ExitStatus::from_raw(status), usage));
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(format!("wait4 on the VMM (pid {pid}): {err}"));
-        }
-    }
-}
-
-fn timeval_s(tv: libc::timeval) -> f64 {
-    tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6
-}
-
-/// CPU time (user + system) of a process's threads, seconds, by kind.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-struct ThreadCpu {
-    /// `cgvm-vcpu*`.
-    vcpu_s: f64,
-    /// `cgvm-virtio*` (device threads) and `iou-*` (io_uring's kernel workers).
-    device_s: f64,
-    /// The rest (the VMM thread).
-    other_s: f64,
-}
-
-impl ThreadCpu {
-    /// `self - earlier`: what was spent in between (threads that ended in between are lost).
-    fn since(&self, earlier: &ThreadCpu) -> ThreadCpu {
-        ThreadCpu {
-            vcpu_s: self.vcpu_s - earlier.vcpu_s,
-            device_s: self.device_s - earlier.device_s,
-            other_s: self.other_s - earlier.other_s,
-        }
-    }
-}
-
 /// The CPU time of `pid`'s threads now, from `/proc/PID/task/*/stat` (`None` once it is gone).
 fn thread_cpu(pid: u32) -> Option<ThreadCpu> {
-    // SAFETY: sysconf only reads a configuration value.
-    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let ticks_per_s = if ticks_per_s > 0 {
-        ticks_per_s as f64
-    } else {
-        100.0
-    };
+    let ticks_per_s = clock_ticks_per_s();
     let mut cpu = ThreadCpu::default();
     let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     for task in tasks.flatten() {
@@ -500,19 +436,6 @@ fn thread_cpu(pid: u32) -> Option<ThreadCpu> {
         }
     }
     Some(cpu)
-}
-
-/// A thread's name and utime + stime (clock ticks) from its `/proc/.../stat` line: `TID
-/// (COMM) STATE ...`, utime and stime the 14th and 15th fields (COMM may hold spaces and
-/// parentheses, so fields are counted from the last ')').
-fn parse_task_stat(stat: &str) -> Option<(&str, u64)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?;
-    let mut fields = stat.get(close + 1..)?.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((comm, utime + stime))
 }
 
 /// The VMM's console output, and the CPU time of its threads when each probe line of interest
@@ -600,7 +523,7 @@ fn run_vmm(opts: &Options, kernel: &Path, file: &Path, engine: &str) -> Result<V
     Ok(VmmRun {
         engine: engine.to_string(),
         status,
-        cpu_s: timeval_s(usage.ru_utime) + timeval_s(usage.ru_stime),
+        cpu_s: cpu_seconds(&usage),
         wall_s,
         lines: stdout.lines().filter_map(parse_probe_line).collect(),
         workload_cpu: workload_cpu(&marks),
@@ -990,30 +913,12 @@ fn report(r: &Report<'_>) -> String {
     out
 }
 
-/// The last `n` non-empty lines of `text`.
-fn tail(text: &str, n: usize) -> Vec<&str> {
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.is_empty())
-        .collect();
-    lines[lines.len().saturating_sub(n)..].to_vec()
-}
-
 // --- main ---------------------------------------------------------------------------------------
 
 fn bench(opts: &Options) -> Result<bool> {
-    if !opts.vmm.is_file() {
-        return Err(format!(
-            "{} does not exist: build it (cargo build --release) or pass --vmm PATH",
-            opts.vmm.display()
-        ));
-    }
+    check_vmm(&opts.vmm)?;
     let temp = TempDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "blk-bench")?;
-    let kernel = match &opts.kernel {
-        Some(kernel) => kernel.clone(),
-        None => build_probe_guest(&temp.0, "blk bench")?,
-    };
+    let kernel = kernel_or_probe(opts.kernel.as_deref(), &temp.0, "blk bench")?;
     let file = match &opts.file {
         Some(file) => file.clone(),
         None => {

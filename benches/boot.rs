@@ -29,8 +29,8 @@ use std::{env, io, thread};
 mod common;
 
 use common::{
-    build_probe_guest, median, parse_flags, parse_number, parse_timeline, percentile, Request,
-    Result, TempDir, Timeline,
+    at_least_one, build_probe_guest, check_vmm, median, parse_checked, parse_number,
+    parse_timeline, percentile, wait_for, Request, Result, TempDir, Timeline,
 };
 
 const USAGE: &str = "\
@@ -82,7 +82,7 @@ impl Default for Options {
 }
 
 fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Options>> {
-    let request = parse_flags(args, USAGE, Options::default(), |opts, flag, value| {
+    let set = |opts: &mut Options, flag: &str, value: &mut dyn FnMut() -> Result<String>| {
         match flag {
             "--runs" => opts.runs = parse_number(flag, &value()?)?,
             "--vmm" => opts.vmm = PathBuf::from(value()?),
@@ -99,14 +99,10 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Option
             _ => return Ok(false),
         }
         Ok(true)
-    })?;
-    let Request::Run(opts) = request else {
-        return Ok(request);
     };
-    if opts.runs == 0 {
-        return Err("--runs must be at least 1".to_string());
-    }
-    Ok(Request::Run(opts))
+    parse_checked(args, USAGE, Options::default(), set, |opts| {
+        at_least_one("--runs", opts.runs as u64)
+    })
 }
 
 // --- the guest kernel ---------------------------------------------------------------------------
@@ -158,26 +154,6 @@ fn monotonic_ns() -> Result<u64> {
     let secs = u64::try_from(ts.tv_sec).map_err(|_| "clock_gettime: negative time")?;
     let nanos = u64::try_from(ts.tv_nsec).map_err(|_| "clock_gettime: negative time")?;
     Ok(secs * 1_000_000_000 + nanos)
-}
-
-/// Waits for the child `pid` with wait4: its exit status and resource usage.
-fn wait_for(pid: u32) -> Result<(ExitStatus, libc::rusage)> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
-    let mut status: libc::c_int = 0;
-    // SAFETY: rusage is a C struct of integers, for which all zeroes is a valid value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: `pid` is our child, not waited for yet (std's Child never waits on drop);
-        // `status` and `usage` are valid and writable for the whole call.
-        let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        if waited == pid {
-            return Ok((ExitStatus::from_raw(status), usage));
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(format!("wait4 on the VMM (pid {pid}): {err}"));
-        }
-    }
 }
 
 /// Runs the VMM once with `args` and measures it.
@@ -451,12 +427,7 @@ fn print_run(i: usize, run: &Run) {
 // --- main ---------------------------------------------------------------------------------------
 
 fn bench(opts: &Options) -> Result<bool> {
-    if !opts.vmm.is_file() {
-        return Err(format!(
-            "{} does not exist: build it (cargo build --release) or pass --vmm PATH",
-            opts.vmm.display()
-        ));
-    }
+    check_vmm(&opts.vmm)?;
     let temp;
     let kernel = match &opts.kernel {
         Some(kernel) => kernel.clone(),

@@ -65,8 +65,11 @@ mod common;
 #[path = "common/vmm.rs"]
 mod vmm;
 
-use common::{build_probe_guest, parse_flags, parse_number, Request, Result, TempDir};
-use vmm::{describe_status, field, tail, Pinning, ThreadCpu, Vmm};
+use common::{
+    at_least_one, check_vmm, kernel_or_probe, names_some, parse_checked, parse_number, pick,
+    Request, Result, TempDir,
+};
+use vmm::{field, HostState, RunLog, RunOptions, Vmm};
 
 const USAGE: &str = "\
 usage: cargo bench --bench net -- [OPTIONS]   (as root)
@@ -101,11 +104,6 @@ const END_MAGIC: &[u8] = b"cgvm-netbench-end";
 const PACKET_VNET_HDR_LEN: usize = 10;
 /// Frames a sendmmsg call.
 const SEND_BATCH: usize = 64;
-/// How long the guest has to get ready, and what the result line may take beyond the time.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const RESULT_SLACK: Duration = Duration::from_secs(40);
-/// How many lines of a failed run's output are shown.
-const TAIL_LINES: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dir {
@@ -165,64 +163,36 @@ const SCENARIOS: [Scenario; 6] = [
 
 #[derive(Debug)]
 struct Options {
-    seconds: u64,
+    run: RunOptions,
     scenarios: Vec<&'static Scenario>,
     sample: usize,
-    vmm: PathBuf,
-    kernel: Option<PathBuf>,
-    pin: bool,
-    no_seccomp: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
-            seconds: 3,
+            run: RunOptions::default(),
             scenarios: SCENARIOS.iter().collect(),
             sample: 2000,
-            vmm: PathBuf::from(env!("CARGO_BIN_EXE_cgvm")),
-            kernel: None,
-            pin: false,
-            no_seccomp: false,
         }
     }
 }
 
 fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Options>> {
-    let request = parse_flags(args, USAGE, Options::default(), |opts, flag, value| {
+    let set = |opts: &mut Options, flag: &str, value: &mut dyn FnMut() -> Result<String>| {
         match flag {
-            "--seconds" => opts.seconds = parse_number(flag, &value()?)?,
             "--sample" => opts.sample = parse_number(flag, &value()?)?,
             "--scenarios" => {
-                opts.scenarios = value()?
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|name| {
-                        SCENARIOS
-                            .iter()
-                            .find(|s| s.name == name)
-                            .ok_or_else(|| format!("unknown scenario {name:?}\n{USAGE}"))
-                    })
-                    .collect::<Result<_>>()?;
+                opts.scenarios = pick(&value()?, &SCENARIOS, |s| s.name, "scenario", USAGE)?;
             }
-            "--vmm" => opts.vmm = PathBuf::from(value()?),
-            "--kernel" => opts.kernel = Some(PathBuf::from(value()?)),
-            "--pin" => opts.pin = true,
-            "--no-seccomp" => opts.no_seccomp = true,
-            _ => return Ok(false),
+            _ => return opts.run.set(flag, value),
         }
         Ok(true)
-    })?;
-    let Request::Run(opts) = request else {
-        return Ok(request);
     };
-    if opts.seconds == 0 {
-        return Err("--seconds must be at least 1".to_string());
-    }
-    if opts.scenarios.is_empty() {
-        return Err("--scenarios names no scenario".to_string());
-    }
-    Ok(Request::Run(opts))
+    parse_checked(args, USAGE, Options::default(), set, |opts| {
+        at_least_one("--seconds", opts.run.seconds)?;
+        names_some("--scenarios", &opts.scenarios, "scenario")
+    })
 }
 
 // --- the namespace ------------------------------------------------------------------------------
@@ -710,34 +680,22 @@ impl Guest {
 /// One scenario's run.
 struct Run {
     scenario: &'static Scenario,
-    ready: Option<String>,
     guest: Option<Guest>,
-    /// The VMM's thread CPU from the ready line to the result line.
-    cpu: Option<ThreadCpu>,
     tap: Option<TapCounters>,
     sent: Option<Sent>,
     sample: Option<Sample>,
-    /// Exit status, CPU and wall-clock time of the whole run.
-    ended: Option<(String, f64, f64)>,
-    failure: Option<String>,
-    stdout: String,
-    stderr: String,
+    log: RunLog,
 }
 
 impl Run {
     fn new(scenario: &'static Scenario) -> Self {
         Self {
             scenario,
-            ready: None,
             guest: None,
-            cpu: None,
             tap: None,
             sent: None,
             sample: None,
-            ended: None,
-            failure: None,
-            stdout: String::new(),
-            stderr: String::new(),
+            log: RunLog::default(),
         }
     }
 }
@@ -762,16 +720,14 @@ struct Setup<'a> {
     kernel: &'a Path,
     ns: &'a Netns,
     ifindex: u32,
-    pinning: Option<Pinning>,
-    /// The host's load averages before the first run.
-    load_before: String,
+    host: HostState,
 }
 
 /// Runs the VMM for one scenario and measures it.
 fn run_scenario(setup: &Setup<'_>, sc: &'static Scenario) -> Run {
     let mut run = Run::new(sc);
     if let Err(e) = drive(setup, &mut run) {
-        run.failure = Some(e);
+        run.log.failure = Some(e);
     }
     run
 }
@@ -781,26 +737,13 @@ fn drive(setup: &Setup<'_>, run: &mut Run) -> Result<()> {
     let sc = run.scenario;
     eprintln!("net bench: {}", sc.name);
     let mac = GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
-    let timeout = opts.seconds + 60;
     let mut args: Vec<OsString> = ["netns", "exec", &ns.name].map(OsString::from).to_vec();
-    args.push(opts.vmm.clone().into());
-    args.push("run".into());
-    if opts.no_seccomp {
-        args.push("--no-seccomp".into());
-    }
-    args.push("--kernel".into());
-    args.push(kernel.into());
-    for (flag, value) in [
-        ("--net", format!("tap:{TAP},mac={mac}")),
-        ("--cpus", "1".to_string()),
-        ("--memory", "128".to_string()),
-        ("--console", "tty".to_string()),
-        ("--timeout", timeout.to_string()),
-        ("--cmdline", probe_cmdline(sc, opts.seconds)),
-    ] {
-        args.push(flag.into());
-        args.push(value.into());
-    }
+    args.push(opts.run.vmm.clone().into());
+    args.extend(opts.run.run_args(
+        kernel,
+        ["--net".into(), format!("tap:{TAP},mac={mac}").into()],
+        probe_cmdline(sc, opts.run.seconds),
+    ));
     // The capture socket is bound before the guest sends, and closed after the sample.
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = match (sc.dir, opts.sample) {
@@ -809,7 +752,7 @@ fn drive(setup: &Setup<'_>, run: &mut Run) -> Result<()> {
                 .run_in(move || PacketSocket::open(ifindex, true))?
                 .map_err(|e| format!("cannot open a capture socket on {TAP}: {e}"))?;
             let stop = stop.clone();
-            let pinning = setup.pinning.clone();
+            let pinning = setup.host.pinning.clone();
             Some(thread::spawn(move || {
                 if let Some(p) = pinning {
                     // Best effort: an unpinned sampler still samples.
@@ -844,26 +787,18 @@ fn talk(
 ) -> Result<()> {
     let (opts, ns) = (setup.opts, setup.ns);
     let sc = run.scenario;
-    let mut vmm = Vmm::spawn(Path::new("ip"), args)?;
-    let waited = (|| -> Result<()> {
-        let ready = vmm
-            .wait_line(
-                |l| l.starts_with("probe: netbench ready") || l.contains(" FAIL "),
-                READY_TIMEOUT,
-            )
-            .map_err(|e| format!("waiting for the guest to get ready: {e}"))?;
-        if !ready.line.starts_with("probe: netbench ready") {
-            return Err(format!("the guest failed: {}", ready.line));
-        }
-        run.ready = Some(ready.line.clone());
-        if let Some(p) = &setup.pinning {
-            p.apply(vmm.pid())?;
-        }
+    let vmm = Vmm::spawn(Path::new("ip"), args)?;
+    let talked = (|| -> Result<()> {
+        let ready = vmm.wait_ready(
+            "probe: netbench ready",
+            &mut run.log,
+            setup.host.pinning.as_ref(),
+        )?;
         let before = ns.counters()?;
         let sending = sender.map(|sock| {
             let message = bench_message(sc.frame, sc.tso);
-            let seconds = opts.seconds;
-            let pinning = setup.pinning.clone();
+            let seconds = opts.run.seconds;
+            let pinning = setup.host.pinning.clone();
             thread::spawn(move || {
                 if let Some(p) = pinning {
                     // Best effort: an unpinned sender still sends.
@@ -876,46 +811,17 @@ fn talk(
             Dir::Tx => "probe: netbench tx ",
             Dir::Rx => "probe: netbench rx ",
         };
-        let result = vmm.wait_line(
-            |l| l.starts_with(prefix) || l.contains(" FAIL "),
-            Duration::from_secs(opts.seconds) + RESULT_SLACK,
-        );
+        // Joined before a missing result fails the run: the next run must not share the tap.
+        let result = vmm.wait_figures(prefix, opts.run.seconds);
         if let Some(s) = sending {
             run.sent = s.join().ok();
         }
-        let result = result.map_err(|e| format!("waiting for the guest's figures: {e}"))?;
-        if !result.line.starts_with(prefix) {
-            return Err(format!("the guest failed: {}", result.line));
-        }
+        let result = result?;
         run.tap = Some(ns.counters()?.since(&before));
-        run.guest = Guest::parse(&result.line);
-        if run.guest.is_none() {
-            return Err(format!("no figures in {:?}", result.line));
-        }
-        if let (Some(a), Some(b)) = (ready.cpu, result.cpu) {
-            run.cpu = Some(b.since(&a));
-        }
+        run.guest = Some(run.log.figures(&ready, &result, Guest::parse)?);
         Ok(())
     })();
-    if waited.is_err() {
-        vmm.kill();
-    }
-    let finished = vmm.finish()?;
-    run.ended = Some((
-        describe_status(finished.status),
-        finished.cpu_s,
-        finished.wall_s,
-    ));
-    run.stdout = finished.stdout;
-    run.stderr = finished.stderr;
-    waited?;
-    if !finished.status.success() {
-        return Err(format!(
-            "the VMM ended with {}",
-            describe_status(finished.status)
-        ));
-    }
-    Ok(())
+    vmm.conclude(talked, &mut run.log)
 }
 
 // --- report -------------------------------------------------------------------------------------
@@ -923,24 +829,11 @@ fn talk(
 fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
     let (opts, kernel, ns) = (setup.opts, setup.kernel, setup.ns);
     let mut out = String::new();
-    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    opts.run.write_title(&mut out, "network", kernel);
     let _ = writeln!(
         out,
-        "cgvm network benchmark: {}, kernel {}, {cpus} host CPUs",
-        opts.vmm.display(),
-        kernel.display()
-    );
-    let _ = writeln!(
-        out,
-        "tap {TAP} in network namespace {}, guest: 1 vCPU, {} s per scenario, load average \
-         before: {}; {}",
-        ns.name,
-        opts.seconds,
-        setup.load_before,
-        setup
-            .pinning
-            .as_ref()
-            .map_or("threads not pinned".to_string(), Pinning::describe)
+        "tap {TAP} in network namespace {}, guest: 1 vCPU, {} s per scenario, {}",
+        ns.name, opts.run.seconds, setup.host
     );
     let _ = writeln!(
         out,
@@ -957,8 +850,8 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
             (Some(s), n) if n > 0 => format!("{:.3}", s * scale / n as f64),
             _ => "-".to_string(),
         };
-        let dev = run.cpu.map(|c| c.device_s);
-        let all = run.cpu.map(|c| c.total_s());
+        let dev = run.log.cpu.map(|c| c.device_s);
+        let all = run.log.cpu.map(|c| c.total_s());
         let _ = writeln!(
             out,
             "{:8} {:>7} {:>12.0} {:>9.3} {:>14} {:>13} {:>14}",
@@ -981,10 +874,10 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
     for run in runs {
         let sc = run.scenario;
         let _ = writeln!(out, "{}:", sc.name);
-        if let Some(ready) = &run.ready {
+        if let Some(ready) = &run.log.ready {
             let _ = writeln!(out, "    {ready}");
         }
-        if let (Some(g), Some(cpu)) = (run.guest, run.cpu) {
+        if let (Some(g), Some(cpu)) = (run.guest, run.log.cpu) {
             let _ = writeln!(
                 out,
                 "    guest: {} frames, {} bytes in {:.3} s; VMM CPU in that window: {:.2} s \
@@ -1060,21 +953,7 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
                 );
             }
         }
-        if let Some((status, cpu_s, wall_s)) = &run.ended {
-            let _ = writeln!(
-                out,
-                "    VMM: {status}, {cpu_s:.2} s CPU in {wall_s:.2} s wall-clock (boot included)"
-            );
-        }
-        if let Some(why) = &run.failure {
-            let _ = writeln!(out, "    FAILED: {why}");
-            for line in tail(&run.stdout, TAIL_LINES) {
-                let _ = writeln!(out, "    stdout: {line}");
-            }
-            for line in tail(&run.stderr, TAIL_LINES) {
-                let _ = writeln!(out, "    stderr: {line}");
-            }
-        }
+        run.log.write_end(&mut out);
     }
     out
 }
@@ -1082,29 +961,20 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
 // --- main ---------------------------------------------------------------------------------------
 
 fn bench(opts: &Options) -> Result<bool> {
-    if !opts.vmm.is_file() {
-        return Err(format!(
-            "{} does not exist: build it (cargo build --release) or pass --vmm PATH",
-            opts.vmm.display()
-        ));
-    }
+    check_vmm(&opts.run.vmm)?;
     // SAFETY: geteuid has no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err("this benchmark needs root (network namespaces, a TAP interface)".into());
     }
     let temp = TempDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "net-bench")?;
-    let kernel = match &opts.kernel {
-        Some(kernel) => kernel.clone(),
-        None => build_probe_guest(&temp.0, "net bench")?,
-    };
+    let kernel = kernel_or_probe(opts.run.kernel.as_deref(), &temp.0, "net bench")?;
     let ns = Netns::create(&format!("cgvm-bench-{}", std::process::id()))?;
     let setup = Setup {
         opts,
         kernel: &kernel,
         ns: &ns,
         ifindex: ns.ifindex()?,
-        pinning: if opts.pin { Pinning::plan() } else { None },
-        load_before: vmm::load_average(),
+        host: HostState::now(opts.run.pin),
     };
     let runs: Vec<Run> = opts
         .scenarios
@@ -1112,7 +982,7 @@ fn bench(opts: &Options) -> Result<bool> {
         .map(|sc| run_scenario(&setup, sc))
         .collect();
     print!("{}", report(&setup, &runs));
-    Ok(runs.iter().all(|r| r.failure.is_none()))
+    Ok(runs.iter().all(|r| r.log.failure.is_none()))
 }
 
 fn main() -> ExitCode {

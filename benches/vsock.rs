@@ -42,7 +42,7 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use std::{env, thread};
@@ -52,9 +52,10 @@ mod common;
 mod vmm;
 
 use common::{
-    build_probe_guest, median, parse_flags, parse_number, percentile, Request, Result, TempDir,
+    at_least_one, check_vmm, kernel_or_probe, median, names_some, parse_checked, parse_number,
+    percentile, pick, Request, Result, TempDir,
 };
-use vmm::{describe_status, field, tail, Pinning, ThreadCpu, Vmm};
+use vmm::{field, HostState, RunLog, RunOptions, Vmm};
 
 const USAGE: &str = "\
 usage: cargo bench --bench vsock -- [OPTIONS]
@@ -73,15 +74,10 @@ const CID: u32 = 3;
 const PORT: u32 = 52;
 /// Bytes of a write (h2g) or read (g2h).
 const CHUNK: usize = 64 * 1024;
-/// How long the guest has to get ready, how long a connection may take to be accepted, and
-/// what the figures may take beyond the time.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may take to be accepted.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const RESULT_SLACK: Duration = Duration::from_secs(40);
 /// Socket timeouts while streaming: a guest that stops answering ends the scenario.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many lines of a failed run's output are shown.
-const TAIL_LINES: usize = 8;
 
 /// A scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,67 +112,39 @@ impl Scenario {
 
 #[derive(Debug)]
 struct Options {
-    seconds: u64,
-    scenarios: Vec<Scenario>,
+    run: RunOptions,
+    scenarios: Vec<&'static Scenario>,
     size: usize,
-    vmm: PathBuf,
-    kernel: Option<PathBuf>,
-    pin: bool,
-    no_seccomp: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
-            seconds: 3,
-            scenarios: Scenario::ALL.to_vec(),
+            run: RunOptions::default(),
+            scenarios: Scenario::ALL.iter().collect(),
             size: 64,
-            vmm: PathBuf::from(env!("CARGO_BIN_EXE_cgvm")),
-            kernel: None,
-            pin: false,
-            no_seccomp: false,
         }
     }
 }
 
 fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Options>> {
-    let request = parse_flags(args, USAGE, Options::default(), |opts, flag, value| {
+    let set = |opts: &mut Options, flag: &str, value: &mut dyn FnMut() -> Result<String>| {
         match flag {
-            "--seconds" => opts.seconds = parse_number(flag, &value()?)?,
             "--size" => opts.size = parse_number(flag, &value()?)?,
             "--scenarios" => {
-                opts.scenarios = value()?
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|name| {
-                        Scenario::ALL
-                            .into_iter()
-                            .find(|s| s.name() == name)
-                            .ok_or_else(|| format!("unknown scenario {name:?}\n{USAGE}"))
-                    })
-                    .collect::<Result<_>>()?;
+                opts.scenarios = pick(&value()?, &Scenario::ALL, |s| s.name(), "scenario", USAGE)?;
             }
-            "--vmm" => opts.vmm = PathBuf::from(value()?),
-            "--kernel" => opts.kernel = Some(PathBuf::from(value()?)),
-            "--pin" => opts.pin = true,
-            "--no-seccomp" => opts.no_seccomp = true,
-            _ => return Ok(false),
+            _ => return opts.run.set(flag, value),
         }
         Ok(true)
-    })?;
-    let Request::Run(opts) = request else {
-        return Ok(request);
     };
-    if opts.seconds == 0 {
-        return Err("--seconds must be at least 1".to_string());
-    }
-    if !(1..=4096).contains(&opts.size) {
-        return Err("--size must be 1..=4096".to_string());
-    }
-    if opts.scenarios.is_empty() {
-        return Err("--scenarios names no scenario".to_string());
-    }
-    Ok(Request::Run(opts))
+    parse_checked(args, USAGE, Options::default(), set, |opts| {
+        at_least_one("--seconds", opts.run.seconds)?;
+        if !(1..=4096).contains(&opts.size) {
+            return Err("--size must be 1..=4096".to_string());
+        }
+        names_some("--scenarios", &opts.scenarios, "scenario")
+    })
 }
 
 // --- the host side ------------------------------------------------------------------------------
@@ -339,16 +307,9 @@ impl Guest {
 /// One scenario's run.
 struct Run {
     scenario: Scenario,
-    ready: Option<String>,
     guest: Option<Guest>,
     host: Option<Host>,
-    /// The VMM's thread CPU from the ready line to the result line.
-    cpu: Option<ThreadCpu>,
-    /// Exit status, CPU and wall-clock time of the whole run.
-    ended: Option<(String, f64, f64)>,
-    failure: Option<String>,
-    stdout: String,
-    stderr: String,
+    log: RunLog,
 }
 
 /// What every run needs.
@@ -356,25 +317,18 @@ struct Setup<'a> {
     opts: &'a Options,
     kernel: &'a Path,
     dir: &'a Path,
-    pinning: Option<Pinning>,
-    /// The host's load averages before the first run.
-    load_before: String,
+    host: HostState,
 }
 
 fn run_scenario(setup: &Setup<'_>, scenario: Scenario) -> Run {
     let mut run = Run {
         scenario,
-        ready: None,
         guest: None,
         host: None,
-        cpu: None,
-        ended: None,
-        failure: None,
-        stdout: String::new(),
-        stderr: String::new(),
+        log: RunLog::default(),
     };
     if let Err(e) = drive(setup, &mut run) {
-        run.failure = Some(e);
+        run.log.failure = Some(e);
     }
     run
 }
@@ -383,50 +337,26 @@ fn drive(setup: &Setup<'_>, run: &mut Run) -> Result<()> {
     let (opts, sc) = (setup.opts, run.scenario);
     eprintln!("vsock bench: {}", sc.name());
     let uds = setup.dir.join(format!("{}.sock", sc.name()));
-    let mut args: Vec<OsString> = vec!["run".into()];
-    if opts.no_seccomp {
-        args.push("--no-seccomp".into());
-    }
-    args.extend(["--kernel".into(), setup.kernel.into()]);
     let mut vsock = OsString::from(format!("{CID},uds="));
     vsock.push(&uds);
-    args.push("--vsock".into());
-    args.push(vsock);
-    for (flag, value) in [
-        ("--cpus", "1".to_string()),
-        ("--memory", "128".to_string()),
-        ("--console", "tty".to_string()),
-        ("--timeout", (opts.seconds + 60).to_string()),
-        (
-            "--cmdline",
-            format!(
-                "probe.tests=vsockbench probe.vsockbench={} probe.vsockbench_port={PORT} \
-                 probe.vsockbench_ms={}",
-                sc.mode(),
-                opts.seconds * 1000
-            ),
-        ),
-    ] {
-        args.push(flag.into());
-        args.push(value.into());
-    }
-    let mut vmm = Vmm::spawn(&opts.vmm, &args)?;
+    let cmdline = format!(
+        "probe.tests=vsockbench probe.vsockbench={} probe.vsockbench_port={PORT} \
+         probe.vsockbench_ms={}",
+        sc.mode(),
+        opts.run.seconds * 1000
+    );
+    let args = opts
+        .run
+        .run_args(setup.kernel, ["--vsock".into(), vsock], cmdline);
+    let vmm = Vmm::spawn(&opts.run.vmm, &args)?;
     let talked = (|| -> Result<()> {
-        let ready = vmm
-            .wait_line(
-                |l| l.starts_with("probe: vsockbench ready") || l.contains(" FAIL "),
-                READY_TIMEOUT,
-            )
-            .map_err(|e| format!("waiting for the guest to get ready: {e}"))?;
-        if !ready.line.starts_with("probe: vsockbench ready") {
-            return Err(format!("the guest failed: {}", ready.line));
-        }
-        run.ready = Some(ready.line.clone());
-        if let Some(p) = &setup.pinning {
-            p.apply(vmm.pid())?;
-        }
-        let pinning = setup.pinning.clone();
-        let (seconds, size) = (opts.seconds, opts.size);
+        let ready = vmm.wait_ready(
+            "probe: vsockbench ready",
+            &mut run.log,
+            setup.host.pinning.as_ref(),
+        )?;
+        let pinning = setup.host.pinning.clone();
+        let (seconds, size) = (opts.run.seconds, opts.size);
         let client = thread::spawn(move || -> Result<Host> {
             if let Some(p) = pinning {
                 // rtt: the client and the device thread take turns, so they share a CPU;
@@ -444,46 +374,17 @@ fn drive(setup: &Setup<'_>, run: &mut Run) -> Result<()> {
                 Scenario::G2h => pull(&mut stream).map_err(fail),
             }
         });
-        let result = vmm.wait_line(
-            |l| l.starts_with(&format!("probe: vsockbench {} ", sc.mode())) || l.contains(" FAIL "),
-            Duration::from_secs(opts.seconds) + RESULT_SLACK,
-        );
+        let prefix = format!("probe: vsockbench {} ", sc.mode());
+        let result = vmm.wait_figures(&prefix, opts.run.seconds);
         let host = client
             .join()
             .map_err(|_| "the client thread panicked".to_string())?;
-        let result = result.map_err(|e| format!("waiting for the guest's figures: {e}"))?;
-        if result.line.contains(" FAIL ") {
-            return Err(format!("the guest failed: {}", result.line));
-        }
+        let result = result?;
         run.host = Some(host?);
-        run.guest = Guest::parse(&result.line);
-        if run.guest.is_none() {
-            return Err(format!("no figures in {:?}", result.line));
-        }
-        if let (Some(a), Some(b)) = (ready.cpu, result.cpu) {
-            run.cpu = Some(b.since(&a));
-        }
+        run.guest = Some(run.log.figures(&ready, &result, Guest::parse)?);
         Ok(())
     })();
-    if talked.is_err() {
-        vmm.kill();
-    }
-    let finished = vmm.finish()?;
-    run.ended = Some((
-        describe_status(finished.status),
-        finished.cpu_s,
-        finished.wall_s,
-    ));
-    run.stdout = finished.stdout;
-    run.stderr = finished.stderr;
-    talked?;
-    if !finished.status.success() {
-        return Err(format!(
-            "the VMM ended with {}",
-            describe_status(finished.status)
-        ));
-    }
-    Ok(())
+    vmm.conclude(talked, &mut run.log)
 }
 
 // --- report -------------------------------------------------------------------------------------
@@ -491,25 +392,14 @@ fn drive(setup: &Setup<'_>, run: &mut Run) -> Result<()> {
 fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
     let opts = setup.opts;
     let mut out = String::new();
-    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    opts.run.write_title(&mut out, "vsock", setup.kernel);
     let _ = writeln!(
         out,
-        "cgvm vsock benchmark: {}, kernel {}, {cpus} host CPUs",
-        opts.vmm.display(),
-        setup.kernel.display()
-    );
-    let _ = writeln!(
-        out,
-        "guest CID {CID} port {PORT}, 1 vCPU, {} s per scenario, load average before: {}; {}",
-        opts.seconds,
-        setup.load_before,
-        setup
-            .pinning
-            .as_ref()
-            .map_or("threads not pinned".to_string(), Pinning::describe)
+        "guest CID {CID} port {PORT}, 1 vCPU, {} s per scenario, {}",
+        opts.run.seconds, setup.host
     );
     let cpu_per = |run: &Run, n: f64, scale: f64| -> (String, String) {
-        match run.cpu {
+        match run.log.cpu {
             Some(c) if n > 0.0 => (
                 format!("{:.3}", c.device_s * scale / n),
                 format!("{:.3}", c.total_s() * scale / n),
@@ -585,7 +475,7 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
     );
     for run in runs {
         let _ = writeln!(out, "{}:", run.scenario.name());
-        if let Some(ready) = &run.ready {
+        if let Some(ready) = &run.log.ready {
             let _ = writeln!(out, "    {ready}");
         }
         if let Some(g) = run.guest {
@@ -608,28 +498,14 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
                 h.written, h.read
             );
         }
-        if let Some(c) = run.cpu {
+        if let Some(c) = run.log.cpu {
             let _ = writeln!(
                 out,
                 "    VMM CPU in that window: {:.2} s device thread, {:.2} s vCPU, {:.2} s other",
                 c.device_s, c.vcpu_s, c.other_s
             );
         }
-        if let Some((status, cpu_s, wall_s)) = &run.ended {
-            let _ = writeln!(
-                out,
-                "    VMM: {status}, {cpu_s:.2} s CPU in {wall_s:.2} s wall-clock (boot included)"
-            );
-        }
-        if let Some(why) = &run.failure {
-            let _ = writeln!(out, "    FAILED: {why}");
-            for line in tail(&run.stdout, TAIL_LINES) {
-                let _ = writeln!(out, "    stdout: {line}");
-            }
-            for line in tail(&run.stderr, TAIL_LINES) {
-                let _ = writeln!(out, "    stderr: {line}");
-            }
-        }
+        run.log.write_end(&mut out);
     }
     out
 }
@@ -637,31 +513,22 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
 // --- main ---------------------------------------------------------------------------------------
 
 fn bench(opts: &Options) -> Result<bool> {
-    if !opts.vmm.is_file() {
-        return Err(format!(
-            "{} does not exist: build it (cargo build --release) or pass --vmm PATH",
-            opts.vmm.display()
-        ));
-    }
+    check_vmm(&opts.run.vmm)?;
     let temp = TempDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "vsock-bench")?;
-    let kernel = match &opts.kernel {
-        Some(kernel) => kernel.clone(),
-        None => build_probe_guest(&temp.0, "vsock bench")?,
-    };
+    let kernel = kernel_or_probe(opts.run.kernel.as_deref(), &temp.0, "vsock bench")?;
     let setup = Setup {
         opts,
         kernel: &kernel,
         dir: &temp.0,
-        pinning: if opts.pin { Pinning::plan() } else { None },
-        load_before: vmm::load_average(),
+        host: HostState::now(opts.run.pin),
     };
     let runs: Vec<Run> = opts
         .scenarios
         .iter()
-        .map(|&sc| run_scenario(&setup, sc))
+        .map(|&&sc| run_scenario(&setup, sc))
         .collect();
     print!("{}", report(&setup, &runs));
-    Ok(runs.iter().all(|r| r.failure.is_none()))
+    Ok(runs.iter().all(|r| r.log.failure.is_none()))
 }
 
 fn main() -> ExitCode {

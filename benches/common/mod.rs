@@ -1,10 +1,12 @@
-//! What the benchmark programs share: walking the command line, a scratch directory and
-//! building the probe guest.
+//! What the benchmark programs share: walking the command line, a scratch directory,
+//! building the probe guest, waiting for the VMM (wait4) and reading its threads' CPU time.
 
 use std::ffi::OsString;
 use std::fs;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 
 /// A benchmark's error: a sentence for the user.
 pub type Result<T> = std::result::Result<T, String>;
@@ -47,6 +49,61 @@ pub fn parse_flags<O>(
         }
     }
     Ok(Request::Run(opts))
+}
+
+/// [`parse_flags`], then `check` on the options of a run (not for `--help`): its error is the
+/// command line's.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn parse_checked<O>(
+    args: impl IntoIterator<Item = OsString>,
+    usage: &str,
+    opts: O,
+    set: impl FnMut(&mut O, &str, &mut dyn FnMut() -> Result<String>) -> Result<bool>,
+    check: impl FnOnce(&O) -> Result<()>,
+) -> Result<Request<O>> {
+    let request = parse_flags(args, usage, opts, set)?;
+    if let Request::Run(opts) = &request {
+        check(opts)?;
+    }
+    Ok(request)
+}
+
+/// The items of `all` that the comma-separated `list` names (`name`: an item's), in the list's
+/// order; an unknown name is an error that shows `usage` (`what`: what an item is).
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn pick<'a, T>(
+    list: &str,
+    all: &'a [T],
+    name: impl Fn(&T) -> &str,
+    what: &str,
+    usage: &str,
+) -> Result<Vec<&'a T>> {
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|wanted| {
+            all.iter()
+                .find(|item| name(item) == wanted)
+                .ok_or_else(|| format!("unknown {what} {wanted:?}\n{usage}"))
+        })
+        .collect()
+}
+
+/// `Err("OPTION must be at least 1")` for a zero `value`.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn at_least_one(option: &str, value: u64) -> Result<()> {
+    if value == 0 {
+        return Err(format!("{option} must be at least 1"));
+    }
+    Ok(())
+}
+
+/// `Err("OPTION names no WHAT")` for an empty `list`.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn names_some<T>(option: &str, list: &[T], what: &str) -> Result<()> {
+    if list.is_empty() {
+        return Err(format!("{option} names no {what}"));
+    }
+    Ok(())
 }
 
 /// A benchmark's `main` once its command line is parsed: prints `usage` for `--help`, or runs
@@ -124,6 +181,28 @@ pub fn build_probe_guest(dir: &Path, who: &str) -> Result<PathBuf> {
     Ok(elf)
 }
 
+/// Checks that the VMM binary `vmm` exists.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn check_vmm(vmm: &Path) -> Result<()> {
+    if !vmm.is_file() {
+        return Err(format!(
+            "{} does not exist: build it (cargo build --release) or pass --vmm PATH",
+            vmm.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The guest: `kernel` (`--kernel`) if given, else the probe guest built into `dir` (`who`
+/// names the benchmark in the message).
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn kernel_or_probe(kernel: Option<&Path>, dir: &Path, who: &str) -> Result<PathBuf> {
+    match kernel {
+        Some(kernel) => Ok(kernel.to_path_buf()),
+        None => build_probe_guest(dir, who),
+    }
+}
+
 /// Parses the number given to `option`.
 pub fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T> {
     value
@@ -191,4 +270,99 @@ pub fn median(sorted: &[f64]) -> Option<f64> {
 pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
     sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
+}
+
+/// The last `n` non-empty lines of `text`.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn tail(text: &str, n: usize) -> Vec<&str> {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+/// Waits for the child `pid` with wait4: its exit status and resource usage.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn wait_for(pid: u32) -> Result<(ExitStatus, libc::rusage)> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is a C struct of integers, for which all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: `pid` is our child, not waited for yet (std's Child never waits on drop);
+        // `status` and `usage` are valid and writable for the whole call.
+        let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if waited == pid {
+            return Ok((ExitStatus::from_raw(status), usage));
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(format!("wait4 on the VMM (pid {pid}): {err}"));
+        }
+    }
+}
+
+/// User + system CPU time of a [`wait_for`]'s usage, seconds.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn cpu_seconds(usage: &libc::rusage) -> f64 {
+    let seconds = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// CPU time (user + system) of the VMM's threads, seconds, by kind.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct ThreadCpu {
+    /// `cgvm-vcpu*`.
+    pub vcpu_s: f64,
+    /// `cgvm-virtio*`, the device threads (and, for the block benchmark, io_uring's `iou-*`
+    /// workers).
+    pub device_s: f64,
+    /// The rest (the VMM thread).
+    pub other_s: f64,
+}
+
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+impl ThreadCpu {
+    /// `self - earlier`: what was spent in between (threads that ended in between are lost).
+    pub fn since(&self, earlier: &ThreadCpu) -> ThreadCpu {
+        ThreadCpu {
+            vcpu_s: self.vcpu_s - earlier.vcpu_s,
+            device_s: self.device_s - earlier.device_s,
+            other_s: self.other_s - earlier.other_s,
+        }
+    }
+
+    /// All threads.
+    pub fn total_s(&self) -> f64 {
+        self.vcpu_s + self.device_s + self.other_s
+    }
+}
+
+/// Clock ticks per second of `/proc/.../stat` times (100 where sysconf does not say).
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks_per_s > 0 {
+        ticks_per_s as f64
+    } else {
+        100.0
+    }
+}
+
+/// A thread's name and utime + stime (clock ticks) from its `/proc/.../stat` line: `TID
+/// (COMM) STATE ...`, utime and stime the 14th and 15th fields (COMM may hold spaces and
+/// parentheses, so fields are counted from the last ')').
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn parse_task_stat(stat: &str) -> Option<(&str, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    let mut fields = stat.get(close + 1..)?.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((comm, utime + stime))
 }

@@ -4,16 +4,22 @@
 //! ended included: [`CpuTracker`]) when it came, so that the benchmark can act on a line
 //! (`probe: netbench ready ...`) and measure the CPU spent between two lines; `wait4` gives
 //! the whole run's CPU time at the end. [`Pinning`] gives the VMM's device thread a CPU of its
-//! own on a small machine.
+//! own on a small machine. What such a benchmark's scenarios share besides: the options
+//! ([`RunOptions`]), the host's state in the report ([`HostState`]), what a run records beside
+//! the benchmark's own figures ([`RunLog`]), and the run from the guest's ready line
+//! ([`Vmm::wait_ready`]) to its figures ([`Vmm::wait_figures`]) and the VMM's exit
+//! ([`Vmm::conclude`]).
 //!
 //! Included by the benchmarks that need it with `#[path = "common/vmm.rs"] mod vmm;` (beside
 //! `mod common;`), so that the others do not compile it.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::fmt::{self, Write as _};
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -21,34 +27,16 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common::Result;
+use crate::common::{
+    clock_ticks_per_s, cpu_seconds, parse_number, parse_task_stat, tail, wait_for, Result,
+    ThreadCpu,
+};
 
-/// CPU time (user + system) of the VMM's threads, seconds, by kind.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub struct ThreadCpu {
-    /// `cgvm-vcpu*`.
-    pub vcpu_s: f64,
-    /// `cgvm-virtio*`: the device threads.
-    pub device_s: f64,
-    /// The rest (the VMM thread).
-    pub other_s: f64,
-}
-
-impl ThreadCpu {
-    /// `self - earlier`: what was spent in between (threads that ended in between are lost).
-    pub fn since(&self, earlier: &ThreadCpu) -> ThreadCpu {
-        ThreadCpu {
-            vcpu_s: self.vcpu_s - earlier.vcpu_s,
-            device_s: self.device_s - earlier.device_s,
-            other_s: self.other_s - earlier.other_s,
-        }
-    }
-
-    /// All threads.
-    pub fn total_s(&self) -> f64 {
-        self.vcpu_s + self.device_s + self.other_s
-    }
-}
+/// How long the guest has to get ready, and what its figures may take beyond the time.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const RESULT_SLACK: Duration = Duration::from_secs(40);
+/// How many lines of a failed run's output are shown.
+const TAIL_LINES: usize = 8;
 
 /// What kind of VMM thread a name says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,15 +73,9 @@ pub const TRACK_PERIOD: Duration = Duration::from_millis(20);
 impl CpuTracker {
     /// A tracker of `pid`.
     pub fn new(pid: u32) -> Self {
-        // SAFETY: sysconf only reads a configuration value.
-        let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         Self {
             pid,
-            ticks_per_s: if ticks_per_s > 0 {
-                ticks_per_s as f64
-            } else {
-                100.0
-            },
+            ticks_per_s: clock_ticks_per_s(),
             seen: Mutex::new(HashMap::new()),
         }
     }
@@ -101,17 +83,10 @@ impl CpuTracker {
     /// Looks at the threads now; the CPU time of every thread seen so far, by kind (`None`
     /// once the process is gone).
     pub fn sample(&self) -> Option<ThreadCpu> {
-        let tasks = fs::read_dir(format!("/proc/{}/task", self.pid)).ok()?;
+        let tasks = tasks(self.pid).ok()?;
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        for task in tasks.flatten() {
-            let Some(tid) = task
-                .file_name()
-                .to_str()
-                .and_then(|t| t.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = fs::read_to_string(task.path().join("stat")) else {
+        for (tid, task) in tasks {
+            let Ok(stat) = fs::read_to_string(task.join("stat")) else {
                 continue; // the thread ended meanwhile
             };
             let Some((comm, ticks)) = parse_task_stat(&stat) else {
@@ -132,6 +107,15 @@ impl CpuTracker {
         }
         Some(cpu)
     }
+}
+
+/// The threads of process `pid`: each one's id and its `/proc/PID/task/TID` directory.
+fn tasks(pid: u32) -> io::Result<impl Iterator<Item = (u32, PathBuf)>> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task"))?;
+    Ok(tasks.flatten().filter_map(|task| {
+        let tid = task.file_name().to_str()?.parse::<u32>().ok()?;
+        Some((tid, task.path()))
+    }))
 }
 
 /// The CPUs of this machine, as `sched_getaffinity` gives them to this process.
@@ -192,18 +176,10 @@ impl Pinning {
     /// Binds the threads of process `pid`: `cgvm-virtio*` to [`device`](Self::device), the
     /// others to [`rest`](Self::rest). Returns how many device threads were bound.
     pub fn apply(&self, pid: u32) -> Result<usize> {
-        let tasks = fs::read_dir(format!("/proc/{pid}/task"))
-            .map_err(|e| format!("cannot list the VMM's threads: {e}"))?;
+        let tasks = tasks(pid).map_err(|e| format!("cannot list the VMM's threads: {e}"))?;
         let mut devices = 0;
-        for task in tasks.flatten() {
-            let Some(tid) = task
-                .file_name()
-                .to_str()
-                .and_then(|t| t.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(comm) = fs::read_to_string(task.path().join("comm")) else {
+        for (tid, task) in tasks {
+            let Ok(comm) = fs::read_to_string(task.join("comm")) else {
                 continue;
             };
             let device = kind_of(comm.trim_end()) == Kind::Device;
@@ -240,19 +216,6 @@ impl Pinning {
             list(&self.rest)
         )
     }
-}
-
-/// A thread's name and utime + stime (clock ticks) from its `/proc/.../stat` line: `TID
-/// (COMM) STATE ...`, utime and stime the 14th and 15th fields (COMM may hold spaces and
-/// parentheses, so fields are counted from the last ')').
-pub fn parse_task_stat(stat: &str) -> Option<(&str, u64)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?;
-    let mut fields = stat.get(close + 1..)?.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((comm, utime + stime))
 }
 
 /// A console line and what was measured when it arrived.
@@ -379,6 +342,66 @@ impl Vmm {
         }
     }
 
+    /// Waits up to `timeout` for the guest's line that starts with `prefix` (`what`: that line,
+    /// in the error); a FAIL line first, or none in time, is an error.
+    pub fn wait_guest(&self, prefix: &str, timeout: Duration, what: &str) -> Result<Mark> {
+        let mark = self
+            .wait_line(|l| l.starts_with(prefix) || l.contains(" FAIL "), timeout)
+            .map_err(|e| format!("waiting for {what}: {e}"))?;
+        if !mark.line.starts_with(prefix) {
+            return Err(format!("the guest failed: {}", mark.line));
+        }
+        Ok(mark)
+    }
+
+    /// Waits for the guest's ready line (starting with `prefix`), records it in `log`, then
+    /// pins the VMM's threads as `pinning` says.
+    pub fn wait_ready(
+        &self,
+        prefix: &str,
+        log: &mut RunLog,
+        pinning: Option<&Pinning>,
+    ) -> Result<Mark> {
+        let ready = self.wait_guest(prefix, READY_TIMEOUT, "the guest to get ready")?;
+        log.ready = Some(ready.line.clone());
+        if let Some(p) = pinning {
+            p.apply(self.pid())?;
+        }
+        Ok(ready)
+    }
+
+    /// Waits for the guest's figures, its line starting with `prefix`, which a scenario of
+    /// `seconds` gives after its ready line.
+    pub fn wait_figures(&self, prefix: &str, seconds: u64) -> Result<Mark> {
+        let timeout = Duration::from_secs(seconds) + RESULT_SLACK;
+        self.wait_guest(prefix, timeout, "the guest's figures")
+    }
+
+    /// Ends a run once the benchmark's exchange with the guest gave `talked`: kills the VMM if
+    /// that failed, waits for it to exit and records how in `log`. The error: `talked`'s, else
+    /// an unsuccessful exit.
+    pub fn conclude(mut self, talked: Result<()>, log: &mut RunLog) -> Result<()> {
+        if talked.is_err() {
+            self.kill();
+        }
+        let finished = self.finish()?;
+        log.ended = Some((
+            describe_status(finished.status),
+            finished.cpu_s,
+            finished.wall_s,
+        ));
+        log.stdout = finished.stdout;
+        log.stderr = finished.stderr;
+        talked?;
+        if !finished.status.success() {
+            return Err(format!(
+                "the VMM ended with {}",
+                describe_status(finished.status)
+            ));
+        }
+        Ok(())
+    }
+
     /// Kills the VMM (SIGKILL; it is our child and not yet waited for).
     pub fn kill(&mut self) {
         if !self.waited {
@@ -396,7 +419,7 @@ impl Vmm {
         let stderr = joined(self.stderr.take(), "VMM's stderr")?;
         Ok(Finished {
             status,
-            cpu_s: timeval_s(usage.ru_utime) + timeval_s(usage.ru_stime),
+            cpu_s: cpu_seconds(&usage),
             wall_s,
             stdout,
             stderr,
@@ -425,30 +448,6 @@ fn joined(reader: Option<thread::JoinHandle<io::Result<String>>>, what: &str) ->
         .map_err(|e| format!("reading the {what}: {e}"))
 }
 
-/// Waits for the child `pid` with wait4: its exit status and resource usage.
-fn wait_for(pid: u32) -> Result<(ExitStatus, libc::rusage)> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| format!("pid {pid} out of range"))?;
-    let mut status: libc::c_int = 0;
-    // SAFETY: rusage is a C struct of integers, for which all zeroes is a valid value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: `pid` is our child, not waited for yet (std's Child never waits on drop);
-        // `status` and `usage` are valid and writable for the whole call.
-        let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        if waited == pid {
-            return Ok((ExitStatus::from_raw(status), usage));
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(format!("wait4 on the VMM (pid {pid}): {err}"));
-        }
-    }
-}
-
-fn timeval_s(tv: libc::timeval) -> f64 {
-    tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6
-}
-
 /// An exit status in words.
 pub fn describe_status(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
@@ -463,19 +462,9 @@ pub fn describe_status(status: ExitStatus) -> String {
     }
 }
 
-/// The last `n` non-empty lines of `text`.
-pub fn tail(text: &str, n: usize) -> Vec<&str> {
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.is_empty())
-        .collect();
-    lines[lines.len().saturating_sub(n)..].to_vec()
-}
-
 /// The host's load averages (`/proc/loadavg`'s first three fields), to show how busy the
 /// machine was.
-pub fn load_average() -> String {
+fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -488,4 +477,164 @@ pub fn field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))?
         .parse()
         .ok()
+}
+
+/// What the benchmarks that run the VMM for a time take on their command lines besides their
+/// own options: `--seconds`, `--vmm`, `--kernel`, `--pin` and `--no-seccomp`.
+#[derive(Debug)]
+pub struct RunOptions {
+    /// Seconds each scenario runs.
+    pub seconds: u64,
+    /// The VMM binary.
+    pub vmm: PathBuf,
+    /// The probe guest (`None`: build it).
+    pub kernel: Option<PathBuf>,
+    /// Give the VMM's device thread a CPU of its own ([`Pinning`]).
+    pub pin: bool,
+    /// Run the VMM with `--no-seccomp`.
+    pub no_seccomp: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            seconds: 3,
+            vmm: PathBuf::from(env!("CARGO_BIN_EXE_cgvm")),
+            kernel: None,
+            pin: false,
+            no_seccomp: false,
+        }
+    }
+}
+
+impl RunOptions {
+    /// Applies `flag` if it is one of these, taking its value from `value()`; whether it was.
+    pub fn set(&mut self, flag: &str, value: &mut dyn FnMut() -> Result<String>) -> Result<bool> {
+        match flag {
+            "--seconds" => self.seconds = parse_number(flag, &value()?)?,
+            "--vmm" => self.vmm = PathBuf::from(value()?),
+            "--kernel" => self.kernel = Some(PathBuf::from(value()?)),
+            "--pin" => self.pin = true,
+            "--no-seccomp" => self.no_seccomp = true,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Writes a report's first line: `cgvm WHAT benchmark: VMM, kernel KERNEL, N host CPUs`.
+    pub fn write_title(&self, out: &mut String, what: &str, kernel: &Path) {
+        let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+        let _ = writeln!(
+            out,
+            "cgvm {what} benchmark: {}, kernel {}, {cpus} host CPUs",
+            self.vmm.display(),
+            kernel.display()
+        );
+    }
+
+    /// The arguments of `cgvm run` for one scenario: the guest `kernel` and its `cmdline`, the
+    /// `device` (a flag and its value), 1 vCPU, 128 MiB, the console on stdout and a time limit
+    /// a minute past the scenario's.
+    pub fn run_args(&self, kernel: &Path, device: [OsString; 2], cmdline: String) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["run".into()];
+        if self.no_seccomp {
+            args.push("--no-seccomp".into());
+        }
+        args.extend(["--kernel".into(), kernel.into()]);
+        args.extend(device);
+        for (flag, value) in [
+            ("--cpus", "1".to_string()),
+            ("--memory", "128".to_string()),
+            ("--console", "tty".to_string()),
+            ("--timeout", (self.seconds + 60).to_string()),
+            ("--cmdline", cmdline),
+        ] {
+            args.push(flag.into());
+            args.push(value.into());
+        }
+        args
+    }
+}
+
+/// The host before the first run: where the VMM's threads go (`--pin`) and how busy it is.
+pub struct HostState {
+    /// The threads' placement, if pinned.
+    pub pinning: Option<Pinning>,
+    /// The host's load averages.
+    pub load: String,
+}
+
+impl HostState {
+    /// The host now, with a placement planned if `pin` (applied by [`Vmm::wait_ready`]).
+    pub fn now(pin: bool) -> Self {
+        Self {
+            pinning: if pin { Pinning::plan() } else { None },
+            load: load_average(),
+        }
+    }
+}
+
+/// "load average before: L; PLACEMENT", for a report.
+impl fmt::Display for HostState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "load average before: {}; ", self.load)?;
+        match &self.pinning {
+            Some(p) => write!(f, "{}", p.describe()),
+            None => write!(f, "threads not pinned"),
+        }
+    }
+}
+
+/// What a scenario's run records besides the benchmark's own figures.
+#[derive(Debug, Default)]
+pub struct RunLog {
+    /// The guest's ready line.
+    pub ready: Option<String>,
+    /// The VMM's thread CPU from the ready line to the result line.
+    pub cpu: Option<ThreadCpu>,
+    /// Exit status, CPU and wall-clock time of the whole run.
+    pub ended: Option<(String, f64, f64)>,
+    /// Why the run failed.
+    pub failure: Option<String>,
+    /// The VMM's output.
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl RunLog {
+    /// The guest's figures, `parse` of its `result` line (an error without them); records the
+    /// VMM's thread CPU from the `ready` line to it.
+    pub fn figures<G>(
+        &mut self,
+        ready: &Mark,
+        result: &Mark,
+        parse: impl FnOnce(&str) -> Option<G>,
+    ) -> Result<G> {
+        let figures =
+            parse(&result.line).ok_or_else(|| format!("no figures in {:?}", result.line))?;
+        if let (Some(a), Some(b)) = (ready.cpu, result.cpu) {
+            self.cpu = Some(b.since(&a));
+        }
+        Ok(figures)
+    }
+
+    /// Writes how the VMM ended and, for a failed run, why, with the last lines of the VMM's
+    /// output.
+    pub fn write_end(&self, out: &mut String) {
+        if let Some((status, cpu_s, wall_s)) = &self.ended {
+            let _ = writeln!(
+                out,
+                "    VMM: {status}, {cpu_s:.2} s CPU in {wall_s:.2} s wall-clock (boot included)"
+            );
+        }
+        if let Some(why) = &self.failure {
+            let _ = writeln!(out, "    FAILED: {why}");
+            for line in tail(&self.stdout, TAIL_LINES) {
+                let _ = writeln!(out, "    stdout: {line}");
+            }
+            for line in tail(&self.stderr, TAIL_LINES) {
+                let _ = writeln!(out, "    stderr: {line}");
+            }
+        }
+    }
 }
