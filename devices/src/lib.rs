@@ -1,4 +1,5 @@
-//! Guest-visible devices of cgvm: the I/O bus, the legacy platform devices and (later) virtio.
+//! Guest-visible devices of cgvm: the I/O bus, the legacy platform devices, PCI (the root
+//! complex, configuration space, MSI-X) and virtio (devices and their MMIO and PCI transports).
 //!
 //! Nothing here knows about KVM or threads: a device answers reads and writes, raises its
 //! interrupt through an eventfd, and reports a guest stop through a [`stop::StopNotifier`].
@@ -7,6 +8,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod pci;
 pub mod rate_limiter;
 pub mod seccomp;
 pub mod stop;

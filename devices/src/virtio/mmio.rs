@@ -2,19 +2,18 @@
 //! driver negotiates features and sets up queues through these registers; at DRIVER_OK the
 //! device is activated with its queues. Queue notifications are KVM ioeventfds on the
 //! QueueNotify register (one per queue, matched on the queue index), so they never reach
-//! this code; the interrupt is an irqfd, with the reason in InterruptStatus.
+//! this code; the interrupt is an irqfd, with the reason in InterruptStatus. The state
+//! machine behind the registers is the one virtio-pci uses too ([`super::transport`]).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{
-    status, ActivateContext, ActiveQueue, DeviceHealth, InterruptReason, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1,
-};
+use super::transport::{QueueAddress, TransportCore, TransportError};
+use super::{InterruptReason, VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
 
 /// Size of a device's MMIO window.
@@ -62,38 +61,12 @@ impl VirtioInterrupt for MmioInterrupt {
 
 /// A virtio device behind virtio-mmio registers.
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    core: TransportCore,
     interrupt: Arc<MmioInterrupt>,
-    health: DeviceHealth,
-    queues: Vec<Queue>,
-    notify: Vec<EventFd>,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    status: u32,
-    config_generation: u32,
-    active: bool,
 }
 
-/// Why a transport could not be created.
-#[derive(Debug, thiserror::Error)]
-pub enum MmioError {
-    /// A queue size the virtio-queue crate refuses.
-    #[error("queue {index} of size {size}: {reason}")]
-    Queue {
-        /// Queue index.
-        index: usize,
-        /// Its size.
-        size: u16,
-        /// Why.
-        reason: String,
-    },
-    /// An eventfd.
-    #[error("cannot create a queue eventfd: {0}")]
-    EventFd(#[from] std::io::Error),
-}
+/// Why a transport could not be created (the same reasons for either transport).
+pub type MmioError = TransportError;
 
 impl MmioTransport {
     /// Wraps `device`; `irq` is the eventfd registered as its interrupt line.
@@ -102,84 +75,40 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         irq: EventFd,
     ) -> Result<Self, MmioError> {
-        let mut queues = Vec::new();
-        let mut notify = Vec::new();
-        for (index, &size) in device.queue_max_sizes().iter().enumerate() {
-            let q = Queue::new(size).map_err(|e| MmioError::Queue {
-                index,
-                size,
-                reason: e.to_string(),
-            })?;
-            queues.push(q);
-            notify.push(EventFd::new(EFD_NONBLOCK)?);
-        }
         Ok(Self {
-            device,
-            mem,
+            core: TransportCore::new("virtio-mmio", device, mem)?,
             interrupt: Arc::new(MmioInterrupt::new(irq)),
-            health: DeviceHealth::new(),
-            queues,
-            notify,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            status: 0,
-            config_generation: 0,
-            active: false,
         })
     }
 
     /// The eventfds to register with KVM_IOEVENTFD at QueueNotify, datamatch = queue index.
     pub fn queue_events(&self) -> &[EventFd] {
-        &self.notify
+        self.core.queue_events()
     }
 
     /// The device's virtio type.
     pub fn device_type(&self) -> u32 {
-        self.device.device_type()
+        self.core.device_type()
     }
 
     /// Whether the device is active (DRIVER_OK and activated).
     pub fn is_active(&self) -> bool {
-        self.active
-    }
-
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_sel as usize)
-    }
-
-    fn current_status(&self) -> u32 {
-        if self.health.is_broken() {
-            self.status | status::DEVICE_NEEDS_RESET
-        } else {
-            self.status
-        }
+        self.core.is_active()
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
+        let core = &self.core;
         match offset {
             0x00 => MAGIC,
             0x04 => VERSION,
-            0x08 => self.device.device_type(),
+            0x08 => core.device_type(),
             0x0c => VENDOR_ID,
-            0x10 => {
-                let f = self.device.features() | (1 << VIRTIO_F_VERSION_1);
-                match self.device_features_sel {
-                    0 => f as u32,
-                    1 => (f >> 32) as u32,
-                    _ => 0,
-                }
-            }
-            0x34 => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            0x44 => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            0x10 => core.device_features_word(),
+            0x34 => core.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            0x44 => core.selected_queue().map_or(0, |q| u32::from(q.ready())),
             0x60 => self.interrupt.status.load(Ordering::Acquire),
-            0x70 => self.current_status(),
-            // The transport's own count (resets, driver writes) plus the device's (changes it
-            // makes on its own): the sum changes whenever either does.
-            0xfc => self
-                .config_generation
-                .wrapping_add(self.device.config_generation()),
+            0x70 => core.status(),
+            0xfc => core.config_generation(),
             _ => {
                 log::debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0
@@ -187,179 +116,41 @@ impl MmioTransport {
         }
     }
 
-    /// Queue set-up registers may change only before DRIVER_OK on a queue not yet ready.
-    fn queue_writable(&mut self) -> bool {
-        self.status & status::DRIVER_OK == 0 && self.selected_queue().is_some_and(|q| !q.ready())
-    }
-
     fn write_reg(&mut self, offset: u64, v: u32) {
+        let core = &mut self.core;
         match offset {
-            0x14 => self.device_features_sel = v,
-            0x20 => {
-                if self.status & status::DRIVER != 0 && self.status & status::FEATURES_OK == 0 {
-                    match self.driver_features_sel {
-                        0 => {
-                            self.driver_features =
-                                (self.driver_features & !0xffff_ffff) | u64::from(v)
-                        }
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                        }
-                        _ => {}
-                    }
-                } else {
-                    log::warn!(
-                        "virtio-mmio: driver features written in status {:#x}",
-                        self.status
-                    );
-                }
-            }
-            0x24 => self.driver_features_sel = v,
-            0x30 => self.queue_sel = v,
-            0x38 | 0x44 | 0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if !self.queue_writable() => {
-                log::warn!(
-                    "virtio-mmio: queue register {offset:#x} written while the queue is live"
-                );
-            }
-            0x38 => self.with_queue(|q| q.set_size(v as u16)),
-            0x44 => self.with_queue(|q| q.set_ready(v == 1)),
-            0x80 => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
-            0x84 => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
-            0x90 => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            0x94 => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
-            0xa0 => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
-            0xa4 => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
-            QUEUE_NOTIFY_OFFSET => {
-                // Normally caught by the ioeventfd; forward it if it ever gets here.
-                if let Some(e) = self.notify.get(v as usize) {
-                    let _ = e.write(1);
-                }
-            }
+            0x14 => core.set_device_features_select(v),
+            0x20 => core.write_driver_features_word(v),
+            0x24 => core.set_driver_features_select(v),
+            0x30 => core.set_queue_select(v),
+            0x38 => core.set_queue_size(v as u16),
+            0x44 => core.set_queue_ready(v == 1),
+            0x80 => core.set_queue_address(QueueAddress::Desc, Some(v), None),
+            0x84 => core.set_queue_address(QueueAddress::Desc, None, Some(v)),
+            0x90 => core.set_queue_address(QueueAddress::Avail, Some(v), None),
+            0x94 => core.set_queue_address(QueueAddress::Avail, None, Some(v)),
+            0xa0 => core.set_queue_address(QueueAddress::Used, Some(v), None),
+            0xa4 => core.set_queue_address(QueueAddress::Used, None, Some(v)),
+            // Normally caught by the ioeventfd; forward it if it ever gets here.
+            QUEUE_NOTIFY_OFFSET => core.notify_queue(v),
             0x64 => {
                 self.interrupt.status.fetch_and(!v, Ordering::AcqRel);
             }
-            0x70 => self.write_status(v),
+            0x70 => {
+                let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+                if core.write_status(v, &interrupt) {
+                    self.interrupt.status.store(0, Ordering::Release);
+                }
+            }
             _ => log::debug!("virtio-mmio: write {v:#x} to unknown register {offset:#x}"),
         }
-    }
-
-    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
-        if let Some(q) = self.selected_queue() {
-            f(q);
-        }
-    }
-
-    fn write_status(&mut self, v: u32) {
-        if v == 0 {
-            self.reset();
-            return;
-        }
-        let new_bits = v & !self.status;
-        if new_bits & status::FEATURES_OK != 0 {
-            let offered = self.device.features() | (1 << VIRTIO_F_VERSION_1);
-            if self.driver_features & !offered != 0
-                || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0
-            {
-                log::warn!(
-                    "virtio-mmio: driver features {:#x} refused (offered {offered:#x}, VERSION_1 required)",
-                    self.driver_features
-                );
-                self.status = v & !status::FEATURES_OK;
-                return;
-            }
-        }
-        self.status = v;
-        if new_bits & status::DRIVER_OK != 0 && !self.active {
-            self.activate();
-        }
-    }
-
-    fn activate(&mut self) {
-        if self.status & status::FEATURES_OK == 0 {
-            log::warn!("virtio-mmio: DRIVER_OK without FEATURES_OK; device not started");
-            self.health.mark_broken();
-            return;
-        }
-        let mut queues = Vec::new();
-        for (i, q) in self.queues.iter().enumerate() {
-            if !q.ready() {
-                continue;
-            }
-            if !q.is_valid(&self.mem) {
-                log::warn!(
-                    "virtio-mmio: queue {i} is not valid (size or addresses); device not started"
-                );
-                self.health.mark_broken();
-                return;
-            }
-            let notify = match self.notify[i].try_clone() {
-                Ok(e) => e,
-                Err(e) => {
-                    log::error!("virtio-mmio: {e}");
-                    self.health.mark_broken();
-                    return;
-                }
-            };
-            let queue = match Queue::try_from(q.state()) {
-                Ok(q) => q,
-                Err(e) => {
-                    log::warn!("virtio-mmio: queue {i}: {e}; device not started");
-                    self.health.mark_broken();
-                    return;
-                }
-            };
-            queues.push(ActiveQueue {
-                index: i as u16,
-                queue,
-                notify,
-            });
-        }
-        let ctx = ActivateContext {
-            mem: self.mem.clone(),
-            queues,
-            interrupt: self.interrupt.clone(),
-            acked_features: self.driver_features,
-            health: self.health.clone(),
-        };
-        match self.device.activate(ctx) {
-            Ok(()) => self.active = true,
-            Err(e) => {
-                log::error!(
-                    "virtio type {}: activation failed: {e}",
-                    self.device.device_type()
-                );
-                self.health.mark_broken();
-            }
-        }
-    }
-
-    fn reset(&mut self) {
-        if self.active {
-            self.device.reset();
-            self.active = false;
-        }
-        for q in &mut self.queues {
-            q.reset();
-        }
-        for e in &self.notify {
-            let _ = e.read();
-        }
-        self.status = 0;
-        self.driver_features = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.queue_sel = 0;
-        self.interrupt.status.store(0, Ordering::Release);
-        self.health.clear();
-        self.config_generation = self.config_generation.wrapping_add(1);
     }
 }
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_OFFSET {
-            self.device.read_config(offset - CONFIG_OFFSET, data);
+            self.core.read_config(offset - CONFIG_OFFSET, data);
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
@@ -375,8 +166,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_OFFSET {
-            self.device.write_config(offset - CONFIG_OFFSET, data);
-            self.config_generation = self.config_generation.wrapping_add(1);
+            self.core.write_config(offset - CONFIG_OFFSET, data);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -390,5 +180,165 @@ impl BusDevice for MmioTransport {
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use super::*;
+    use crate::virtio::transport::fake::{FakeDevice, Slot, FAKE_FEATURE};
+    use crate::virtio::{status, TYPE_RNG};
+
+    fn transport(queues: usize) -> (MmioTransport, Slot, EventFd) {
+        let (dev, given) = FakeDevice::new(TYPE_RNG, queues);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let t = MmioTransport::new(Box::new(dev), mem, irq.try_clone().unwrap()).unwrap();
+        (t, given, irq)
+    }
+
+    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    const ACK_DRIVER: u32 = status::ACKNOWLEDGE | status::DRIVER;
+    const FEATURES_OK: u32 = ACK_DRIVER | status::FEATURES_OK;
+    const DRIVER_OK: u32 = FEATURES_OK | status::DRIVER_OK;
+
+    fn negotiate(t: &mut MmioTransport) {
+        w(t, 0x70, ACK_DRIVER);
+        w(t, 0x24, 0);
+        w(t, 0x20, FAKE_FEATURE as u32);
+        w(t, 0x24, 1);
+        w(t, 0x20, 1);
+        w(t, 0x70, FEATURES_OK);
+    }
+
+    fn setup_queue(t: &mut MmioTransport, q: u32, base: u32) {
+        w(t, 0x30, q);
+        w(t, 0x38, 16);
+        for (reg, addr) in [(0x80, base), (0x90, base + 0x1000), (0xa0, base + 0x2000)] {
+            w(t, reg, addr);
+            w(t, reg + 4, 0);
+        }
+        w(t, 0x44, 1);
+    }
+
+    #[test]
+    fn mmio_identity_and_feature_negotiation() {
+        let (mut t, given, _) = transport(1);
+        assert_eq!(r(&mut t, 0x00), MAGIC);
+        assert_eq!(r(&mut t, 0x04), 2);
+        assert_eq!(r(&mut t, 0x08), TYPE_RNG);
+        w(&mut t, 0x14, 0);
+        assert_eq!(r(&mut t, 0x10), FAKE_FEATURE as u32);
+        w(&mut t, 0x14, 1);
+        assert_eq!(r(&mut t, 0x10), 1, "VERSION_1");
+        // Features before DRIVER are ignored; without VERSION_1 FEATURES_OK does not stick.
+        w(&mut t, 0x20, 1);
+        w(&mut t, 0x70, ACK_DRIVER);
+        w(&mut t, 0x24, 0);
+        w(&mut t, 0x20, FAKE_FEATURE as u32);
+        w(&mut t, 0x70, FEATURES_OK);
+        assert_eq!(r(&mut t, 0x70), ACK_DRIVER);
+        negotiate(&mut t);
+        assert_eq!(r(&mut t, 0x70), FEATURES_OK);
+        setup_queue(&mut t, 0, 0x10000);
+        w(&mut t, 0x70, DRIVER_OK);
+        assert!(t.is_active());
+        assert_eq!(
+            given.lock().unwrap().as_ref().unwrap().features,
+            FAKE_FEATURE | 1 << 32
+        );
+    }
+
+    #[test]
+    fn mmio_queue_registers_freeze_once_ready_and_reset_starts_over() {
+        let (mut t, given, _) = transport(2);
+        w(&mut t, 0x30, 7);
+        assert_eq!(r(&mut t, 0x34), 0, "no queue 7");
+        w(&mut t, 0x44, 1);
+        assert_eq!(r(&mut t, 0x44), 0);
+        w(&mut t, 0x30, 1);
+        assert_eq!(r(&mut t, 0x34), 64);
+        negotiate(&mut t);
+        setup_queue(&mut t, 1, 0x20000);
+        assert_eq!(r(&mut t, 0x44), 1);
+        // Ready: its registers are frozen (it stays valid, so activation works).
+        w(&mut t, 0x80, 0xdead_0000);
+        w(&mut t, 0x44, 0);
+        assert_eq!(r(&mut t, 0x44), 1);
+        let gen = r(&mut t, 0xfc);
+        w(&mut t, 0x70, DRIVER_OK);
+        assert!(t.is_active());
+        assert_eq!(given.lock().unwrap().as_ref().unwrap().queues, [1]);
+        w(&mut t, 0x70, 0);
+        assert!(!t.is_active());
+        assert!(given.lock().unwrap().is_none());
+        assert_eq!(r(&mut t, 0x70), 0);
+        assert_ne!(r(&mut t, 0xfc), gen, "a reset moves the generation");
+        w(&mut t, 0x30, 1);
+        assert_eq!(r(&mut t, 0x44), 0);
+    }
+
+    #[test]
+    fn mmio_interrupts_needs_reset_and_notify_fallback() {
+        let (mut t, given, irq) = transport(1);
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x10000);
+        w(&mut t, 0x70, DRIVER_OK);
+        let g = given.lock().unwrap().take().unwrap();
+        g.interrupt.trigger(InterruptReason::Queue(0)).unwrap();
+        g.interrupt.trigger(InterruptReason::Config).unwrap();
+        assert_eq!(irq.read().unwrap(), 2);
+        assert_eq!(r(&mut t, 0x60), 3);
+        w(&mut t, 0x64, 1);
+        assert_eq!(r(&mut t, 0x60), 2);
+        g.health.mark_broken();
+        assert_eq!(r(&mut t, 0x70), DRIVER_OK | status::DEVICE_NEEDS_RESET);
+        // A notification that reaches the register instead of the ioeventfd.
+        w(&mut t, QUEUE_NOTIFY_OFFSET, 0);
+        assert_eq!(t.queue_events()[0].read().unwrap(), 1);
+        w(&mut t, QUEUE_NOTIFY_OFFSET, 9);
+        w(&mut t, 0x70, 0);
+        assert_eq!(r(&mut t, 0x60), 0);
+        assert_eq!(r(&mut t, 0x70), 0);
+    }
+
+    #[test]
+    fn mmio_hostile_accesses_are_harmless() {
+        let (mut t, _, _) = transport(1);
+        // DRIVER_OK without FEATURES_OK.
+        w(&mut t, 0x70, ACK_DRIVER | status::DRIVER_OK);
+        assert!(!t.is_active());
+        assert_ne!(r(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+        w(&mut t, 0x70, 0);
+        for len in [1usize, 2, 3, 4, 8] {
+            for off in 0..0x120u64 {
+                let mut d = vec![0u8; len];
+                t.read(off, &mut d);
+                if off < CONFIG_OFFSET && (len != 4 || off % 4 != 0) {
+                    assert!(d.iter().all(|&b| b == 0), "{len} bytes at {off:#x}");
+                }
+                if off != 0x70 {
+                    t.write(off, &vec![0xff; len]);
+                }
+            }
+        }
+        assert_eq!(r(&mut t, 0x00), MAGIC);
+        w(&mut t, 0x70, 0);
+        negotiate(&mut t);
+        w(&mut t, 0x30, 0);
+        w(&mut t, 0x38, 3);
+        assert_eq!(r(&mut t, 0x34), 64, "max size is read-only");
     }
 }

@@ -1,15 +1,18 @@
 //! Virtio: what every device shares, whatever the transport. A device says what it is
 //! (type, queues, features, configuration space) and, when the driver sets DRIVER_OK, gets
 //! its queues, their notification eventfds and an interrupt, and starts its worker thread.
-//! The transport (MMIO here, PCI later) owns the registers and never touches the queues
-//! once the device is active.
+//! The transport (`mmio` or `pci`, the VMM's choice; the device does not know which) owns the
+//! registers and never touches the queues once the device is active; the state machine both
+//! transports drive is `transport`.
 
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_driver;
+pub mod transport;
 pub mod vsock;
 pub mod worker;
 
@@ -60,7 +63,7 @@ pub enum InterruptReason {
 }
 
 /// How a device interrupts the guest; the transport decides what that means (an ISR bit
-/// and a line through irqfd for MMIO, an MSI-X vector for PCI).
+/// and a line through irqfd for MMIO, an MSI-X vector or INTx for PCI).
 pub trait VirtioInterrupt: Send + Sync {
     /// Raises the interrupt for `reason`.
     fn trigger(&self, reason: InterruptReason) -> std::io::Result<()>;
