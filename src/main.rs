@@ -134,6 +134,10 @@ struct RunArgs {
     /// Forward host TCP port HOST to guest port GUEST (with --net user); repeat for more.
     #[arg(long = "publish", value_name = "HOST:GUEST")]
     publish: Vec<vmm::passt::Publish>,
+    /// How the guest finds its virtio devices: pci (virtio-pci with MSI-X, what distribution
+    /// kernels expect) or mmio (virtio-mmio, microVM kernels). Default: mmio.
+    #[arg(long, value_name = "mmio|pci")]
+    transport: Option<vmm::config::Transport>,
     /// Run device threads without their seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -195,6 +199,7 @@ impl RunArgs {
             disks: self.disks.clone(),
             vsock: self.vsock.clone(),
             nets,
+            transport: self.transport,
             seccomp: !self.no_seccomp,
         })
     }

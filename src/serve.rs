@@ -59,6 +59,14 @@ pub struct ServeArgs {
     /// Run without seccomp filters (debugging only).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Put the virtio devices on a PCI bus (virtio-pci with MSI-X), as Firecracker's flag
+    /// does; the same as --transport pci.
+    #[arg(long, conflicts_with = "transport")]
+    pub enable_pci: bool,
+    /// The virtio transport, mmio or pci (a cgvm extension; machine-config's `transport`
+    /// overrides it). Default: mmio.
+    #[arg(long, value_name = "mmio|pci")]
+    pub transport: Option<vmm::config::Transport>,
     /// Largest API request body, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD)]
     pub http_api_max_payload_size: usize,
@@ -183,6 +191,11 @@ pub fn serve(args: &ServeArgs, app_name: &str, default_sock: bool, timeline: Arc
         console: ConsoleConfig::Tty,
         timeout,
         seccomp: !args.no_seccomp,
+        transport: if args.enable_pci {
+            Some(vmm::config::Transport::Pci)
+        } else {
+            args.transport
+        },
         ..VmConfig::default()
     };
     let identity = Identity {

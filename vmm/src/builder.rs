@@ -13,9 +13,11 @@ use devices::virtio::block;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::config::Transport;
 use crate::config::{BlockEngine, ConfigError, ConsoleConfig, NetBackend, VmConfig};
 use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::metrics::Metrics;
+use crate::pci_manager::{PciDeviceManager, PciManagerError};
 use crate::runner::{ConsoleInput, DriveHandle, NetHandle, Vmm, VmmParts};
 use crate::timeline::Timeline;
 use crate::vstate::vcpu::{self, BootEntry, VcpuShared};
@@ -54,6 +56,9 @@ pub enum BuildError {
     /// A virtio device could not be placed.
     #[error(transparent)]
     Virtio(#[from] DeviceManagerError),
+    /// A virtio-pci device could not be placed.
+    #[error(transparent)]
+    Pci(#[from] PciManagerError),
     /// A disk could not be attached.
     #[error(transparent)]
     Disk(#[from] block::BlockError),
@@ -146,6 +151,41 @@ fn irq_event(vm: &Vm, gsi: u32, device: &str) -> Result<EventFd, BuildError> {
     Ok(evt)
 }
 
+/// Where the virtio devices go: virtio-mmio windows or the PCI bus.
+enum VirtioPlacement {
+    Mmio(MmioDeviceManager),
+    Pci(PciDeviceManager),
+}
+
+impl VirtioPlacement {
+    fn add(
+        &mut self,
+        vm: &Vm,
+        mem: &vm_memory::GuestMemoryMmap,
+        mmio: &mut Bus,
+        device: Box<dyn devices::virtio::VirtioDevice>,
+    ) -> Result<(), BuildError> {
+        match self {
+            Self::Mmio(m) => {
+                m.add(vm, mem, mmio, device)?;
+            }
+            Self::Pci(p) => {
+                let s = p.add(vm, mem, device)?;
+                log::info!(
+                    "virtio-pci: type {} at 00:{:02x}.0, BAR 0 at {}, INTA on GSI {}, MSI GSIs {}..{}",
+                    s.device_type,
+                    s.slot,
+                    s.bar0.map_or("nowhere".to_string(), |b| format!("{b:#x}")),
+                    s.intx_gsi,
+                    s.msix_gsis.0,
+                    s.msix_gsis.0 + s.msix_gsis.1
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Builds the machine for `config` and starts its vCPUs.
 pub fn build(
     config: &VmConfig,
@@ -236,7 +276,13 @@ pub fn build(
 
     // Virtio devices.
     devices::seccomp::set_enabled(config.seccomp);
-    let mut virtio = MmioDeviceManager::new();
+    // The transport: as asked, else virtio-mmio.
+    let transport = config.transport.unwrap_or(Transport::Mmio);
+    log::info!("virtio transport: {transport}");
+    let mut virtio = match transport {
+        Transport::Mmio => VirtioPlacement::Mmio(MmioDeviceManager::new()),
+        Transport::Pci => VirtioPlacement::Pci(PciDeviceManager::new(&vm, mem_size)?),
+    };
     let mut drives = Vec::with_capacity(config.disks.len());
     let mut block_metrics = Vec::with_capacity(config.disks.len());
     // Disks first, in order, so that the first is vda.
@@ -333,9 +379,23 @@ pub fn build(
         virtio.add(&vm, mem, &mut mmio, Box::new(dev))?;
     }
 
+    // The devices' description: virtio-mmio windows on the command line and in the DSDT, or
+    // the PCI host bridge (MCFG, its windows and _PRT, ECAM reserved in e820).
+    let (mmio_entries, mmio_acpi, pci, pci_runtime) = match virtio {
+        VirtioPlacement::Mmio(m) => (m.cmdline_entries(), m.acpi_devices(), None, None),
+        VirtioPlacement::Pci(p) => {
+            let runtime = p.finish(&mut pio, &mut mmio)?;
+            let acpi = boot::acpi::PciConfig {
+                mmio64_start: layout::pci_mmio64_start(mem_size),
+            };
+            (Vec::new(), Vec::new(), Some(acpi), Some(runtime))
+        }
+    };
+    let has_pci = pci.is_some();
+
     // What the guest reads at entry: command line (with the devices), ACPI, boot params.
     let cmdline = std::iter::once(config.cmdline.clone())
-        .chain(virtio.cmdline_entries())
+        .chain(mmio_entries)
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
         .join(" ");
@@ -344,8 +404,8 @@ pub fn build(
         mem,
         &boot::acpi::AcpiConfig {
             num_cpus: config.vcpus,
-            virtio_mmio_devices: virtio.acpi_devices(),
-            pci: None,
+            virtio_mmio_devices: mmio_acpi,
+            pci,
         },
     )?;
     let boot_info = match kernel.mode {
@@ -357,12 +417,12 @@ pub fn build(
                 initrd,
                 Some(rsdp),
                 mem_size,
-                false,
+                has_pci,
             )?;
             GuestAddress(layout::ZERO_PAGE_START)
         }
         EntryMode::Pvh => {
-            boot::params::write_pvh_start_info(mem, initrd, Some(rsdp), mem_size, false)?
+            boot::params::write_pvh_start_info(mem, initrd, Some(rsdp), mem_size, has_pci)?
         }
     };
     boot::regs::write_boot_tables(mem, kernel.mode)?;
@@ -421,5 +481,6 @@ pub fn build(
         drives,
         nets,
         passts,
+        pci_interrupts: pci_runtime.map(|r| r.interrupts).unwrap_or_default(),
     }))
 }

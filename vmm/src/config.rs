@@ -169,6 +169,37 @@ impl VsockConfig {
     }
 }
 
+/// How the guest finds its virtio devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// virtio-mmio: windows announced on the command line and in the DSDT (microVM kernels,
+    /// Firecracker's choice).
+    Mmio,
+    /// virtio-pci with MSI-X on a PCI host bridge (distribution kernels).
+    Pci,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mmio" => Ok(Self::Mmio),
+            "pci" => Ok(Self::Pci),
+            _ => Err(format!("transport '{s}': expected mmio or pci")),
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Mmio => "mmio",
+            Self::Pci => "pci",
+        })
+    }
+}
+
 /// Most network interfaces a machine may have.
 pub const MAX_NETS: usize = 8;
 /// Longest network interface id (Firecracker's `iface_id`).
@@ -357,6 +388,9 @@ pub struct VmConfig {
     /// Install the seccomp filters (off only for debugging).
     #[serde(default = "default_true")]
     pub seccomp: bool,
+    /// The virtio transport; `None`: MMIO.
+    #[serde(default)]
+    pub transport: Option<Transport>,
 }
 
 fn default_true() -> bool {
@@ -380,6 +414,7 @@ impl Default for VmConfig {
             vsock: None,
             nets: Vec::new(),
             seccomp: true,
+            transport: None,
         }
     }
 }

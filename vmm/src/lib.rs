@@ -16,6 +16,7 @@ pub mod logger;
 pub mod metrics;
 pub mod outcome;
 pub mod passt;
+pub mod pci_manager;
 pub mod resources;
 pub mod rpc;
 pub mod runner;

@@ -96,6 +96,10 @@ pub struct MachineConfig {
     /// Huge pages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<HugePages>,
+    /// The virtio transport, `mmio` or `pci` (a cgvm extension; absent: the process's
+    /// default, `--transport`/`--enable-pci`, else MMIO).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<crate::config::Transport>,
 }
 
 impl Default for MachineConfig {
@@ -107,6 +111,7 @@ impl Default for MachineConfig {
             track_dirty_pages: false,
             cpu_template: None,
             huge_pages: None,
+            transport: None,
         }
     }
 }
@@ -133,6 +138,9 @@ pub struct MachineConfigUpdate {
     /// Huge pages.
     #[serde(default)]
     pub huge_pages: Option<HugePages>,
+    /// The virtio transport (a cgvm extension).
+    #[serde(default)]
+    pub transport: Option<crate::config::Transport>,
 }
 
 /// Firecracker's block cache types. cgvm always offers FLUSH and honours it, which is what
@@ -721,6 +729,9 @@ impl VmResources {
         if let Some(v) = u.huge_pages {
             m.huge_pages = Some(v);
         }
+        if let Some(v) = u.transport {
+            m.transport = Some(v);
+        }
         self.set_machine_config(m)
     }
 
@@ -870,6 +881,7 @@ impl VmResources {
             disks,
             nets,
             vsock,
+            transport: self.machine.transport.or(base.transport),
             ..base.clone()
         };
         config

@@ -18,6 +18,7 @@ use devices::legacy::I8042Device;
 use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::block::BlockControl;
 use devices::virtio::net::NetControl;
+use devices::virtio::pci::VirtioPciInterrupt;
 
 use crate::console::EscapeFilter;
 use crate::controller::Controller;
@@ -233,6 +234,8 @@ pub struct Vmm {
     nets: Vec<NetHandle>,
     /// The passt processes of `user` network interfaces; dropped (killed) with the machine.
     _passts: Vec<crate::passt::Passt>,
+    /// The virtio-pci devices' interrupts, whose INTx resample eventfds the loop watches.
+    pci_interrupts: Vec<Arc<VirtioPciInterrupt>>,
 }
 
 /// The parts [`Vmm::new`] assembles.
@@ -246,6 +249,7 @@ pub(crate) struct VmmParts {
     pub drives: Vec<DriveHandle>,
     pub nets: Vec<NetHandle>,
     pub passts: Vec<crate::passt::Passt>,
+    pub pci_interrupts: Vec<Arc<VirtioPciInterrupt>>,
 }
 
 impl Vmm {
@@ -261,6 +265,7 @@ impl Vmm {
             drives: p.drives,
             nets: p.nets,
             _passts: p.passts,
+            pci_interrupts: p.pci_interrupts,
         }
     }
 
@@ -309,6 +314,9 @@ impl Vmm {
         };
         let outcome = events.outcome.clone();
         em.add_subscriber(Box::new(events));
+        if !self.pci_interrupts.is_empty() {
+            em.add_subscriber(Box::new(IntxResampler(self.pci_interrupts.clone())));
+        }
         loop {
             if let Some(o) = outcome.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 return o;
@@ -338,6 +346,29 @@ impl Vmm {
             } else {
                 log::warn!("a vCPU thread did not leave KVM_RUN within {VCPU_STOP_GRACE:?}");
             }
+        }
+    }
+}
+
+/// Watches the INTx resample eventfds of the virtio-pci devices: after the guest's EOI, KVM
+/// lowers the line and signals the eventfd, and a device whose ISR is still set raises it
+/// again (a level-triggered line shared by devices through KVM_IRQFD_FLAG_RESAMPLE).
+struct IntxResampler(Vec<Arc<VirtioPciInterrupt>>);
+
+impl MutEventSubscriber for IntxResampler {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, irq) in self.0.iter().enumerate() {
+            let fd = irq.intx_resample_event().as_raw_fd();
+            if let Err(e) = ops.add(Events::with_data_raw(fd, i as u32, EventSet::IN)) {
+                log::error!("cannot watch the INTx resample eventfd of PCI device {i}: {e}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if let Some(irq) = self.0.get(events.data() as usize) {
+            let _ = irq.intx_resample_event().read();
+            irq.resample_intx();
         }
     }
 }
