@@ -254,12 +254,14 @@ fn the_probe_boots_through_the_api_with_a_tap_and_a_vsock_and_limits_change_whil
     let text = wait_for_text(&console, "probe: waiting", Duration::from_secs(60));
     assert!(
         text.contains(&format!(
-            "probe: net ok (mac {GUEST_MAC}, arp reply: 10.0.2.2 is at {tap_mac})"
+            "probe: net ok (mac {GUEST_MAC}, arp reply: 10.0.2.2 is at {tap_mac}, virtio-mmio at 0x"
         )),
         "{text}"
     );
     assert!(
-        text.contains("probe: vsock ok (cid 3, echoed 10000 bytes over 1 connections)"),
+        text.contains(
+            "probe: vsock ok (cid 3, echoed 10000 bytes over 1 connections, virtio-mmio at 0x"
+        ),
         "{text}"
     );
     assert!(text.contains("probe: 3 passed, 0 failed"), "{text}");

@@ -175,7 +175,7 @@ fn tap_frames_cross_both_ways_with_the_bytes_intact() {
     // Host to guest: the namespace's kernel answered, and the guest read its MAC right.
     assert!(
         out.contains(&format!(
-            "probe: net ok (mac {GUEST_MAC_TEXT}, arp reply: 10.0.2.2 is at {tap_mac})"
+            "probe: net ok (mac {GUEST_MAC_TEXT}, arp reply: 10.0.2.2 is at {tap_mac}, virtio-mmio at 0x"
         )),
         "{out}"
     );

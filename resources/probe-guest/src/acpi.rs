@@ -1,7 +1,8 @@
 //! ACPI table parsing: the RSDP, the root table (XSDT, or RSDT for ACPI 1.0), table headers
 //! and checksums, the MADT's CPUs and IOAPICs, and what ACPI S5 (soft off) needs on a
 //! hardware-reduced platform: the FADT's flags, SLEEP_CONTROL_REG and DSDT address, and the
-//! DSDT's `\_S5_` (found by `aml`); and the DSDT itself ([`find_dsdt`]) for `discovery`.
+//! DSDT's `\_S5_` (found by `aml`); the DSDT itself ([`find_dsdt`]) for `discovery`, and any
+//! table by signature ([`find_table`]: the MCFG for `pci`).
 //!
 //! All reads go through [`Mem`] and every length is checked against the table that holds it, so
 //! a malformed table is an [`AcpiError`], never a fault. Policy (what the boot check requires)
@@ -690,6 +691,24 @@ pub fn find_dsdt(mem: &impl Mem, rsdp_hint: u64) -> Result<SdtHeader, AcpiError>
     let n = (fadt.length as usize).min(bytes.len());
     mem.read(fadt.addr, &mut bytes[..n])?;
     read_dsdt(mem, fadt_dsdt(&bytes[..n])?)
+}
+
+/// Finds the first table with `signature` that the root table lists: RSDP (at `rsdp_hint`,
+/// else by scanning) → XSDT/RSDT → each table in turn, checksummed. `None` when none is listed.
+pub fn find_table(
+    mem: &impl Mem,
+    rsdp_hint: u64,
+    signature: Signature,
+) -> Result<Option<SdtHeader>, AcpiError> {
+    let rsdp = find_rsdp(mem, rsdp_hint)?;
+    let root = root_table(mem, &rsdp)?;
+    for i in 0..root.entries() {
+        let header = read_table(mem, root.entry(mem, i)?)?;
+        if header.signature == signature {
+            return Ok(Some(header));
+        }
+    }
+    Ok(None)
 }
 
 /// The AML of the DSDT (or any definition block) `table`: where it starts and how long it is.

@@ -22,11 +22,25 @@
 //!   `probe.netbench_ms=N`: the netbench check's direction, frame length, TSO frames, and how
 //!   long it sends;
 //! - `probe.vsockbench=echo|sink|source`, `probe.vsockbench_port=N`, `probe.vsockbench_ms=N`:
-//!   the vsockbench check's mode, listening port and how long a source sends.
+//!   the vsockbench check's mode, listening port and how long a source sends;
+//! - `probe.transport=mmio|pci|any`: where the virtio checks look for their devices (default
+//!   any: virtio-mmio and virtio-pci).
 //!
 //! Other words are ignored, except unknown `probe.*` keys, which the caller reports.
 
 use crate::exit::Ending;
+
+/// Where the virtio checks look for devices (`probe.transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// virtio-mmio only.
+    Mmio,
+    /// virtio-pci only.
+    Pci,
+    /// Both (the default).
+    #[default]
+    Any,
+}
 
 /// A parsed value, or the raw value that did not parse.
 pub type Setting<'a, T> = Option<Result<T, &'a [u8]>>;
@@ -85,13 +99,15 @@ pub struct Args<'a> {
     pub vsockbench_port: Setting<'a, u64>,
     /// `probe.vsockbench_ms`: how long a vsockbench source sends, ms.
     pub vsockbench_ms: Setting<'a, u64>,
+    /// `probe.transport`: where the virtio checks look for devices.
+    pub transport: Setting<'a, TransportChoice>,
 }
 
 /// The periods `probe.tick_ms` takes, ms.
 pub const TICK_MS: core::ops::RangeInclusive<u64> = 1..=60_000;
 
 /// Keys the probe knows.
-const KNOWN_KEYS: [&[u8]; 25] = [
+const KNOWN_KEYS: [&[u8]; 26] = [
     b"probe.tests",
     b"probe.exit",
     b"probe.mem",
@@ -117,6 +133,7 @@ const KNOWN_KEYS: [&[u8]; 25] = [
     b"probe.vsockbench",
     b"probe.vsockbench_port",
     b"probe.vsockbench_ms",
+    b"probe.transport",
 ];
 
 /// The command line's words.
@@ -210,6 +227,14 @@ impl<'a> Args<'a> {
                     args.vsockbench_port = Some(parse_decimal(raw).ok_or(raw))
                 }
                 b"probe.vsockbench_ms" => args.vsockbench_ms = Some(parse_decimal(raw).ok_or(raw)),
+                b"probe.transport" => {
+                    args.transport = Some(match raw {
+                        b"mmio" => Ok(TransportChoice::Mmio),
+                        b"pci" => Ok(TransportChoice::Pci),
+                        b"any" => Ok(TransportChoice::Any),
+                        _ => Err(raw),
+                    })
+                }
                 _ => {}
             }
         }
@@ -436,5 +461,31 @@ mod tests {
             unknown,
             [&b"probe.netbench_size"[..], &b"probe.vsockbench_conns"[..]]
         );
+    }
+
+    #[test]
+    fn transport_key() {
+        assert_eq!(Args::parse(b"").transport, None);
+        assert_eq!(
+            Args::parse(b"probe.transport=mmio").transport,
+            Some(Ok(TransportChoice::Mmio))
+        );
+        assert_eq!(
+            Args::parse(b"probe.transport=pci").transport,
+            Some(Ok(TransportChoice::Pci))
+        );
+        assert_eq!(
+            Args::parse(b"probe.transport=pci probe.transport=any").transport,
+            Some(Ok(TransportChoice::Any))
+        );
+        assert_eq!(
+            Args::parse(b"probe.transport=PCI").transport,
+            Some(Err(&b"PCI"[..]))
+        );
+        assert_eq!(
+            Args::parse(b"probe.transport").transport,
+            Some(Err(&b""[..]))
+        );
+        assert_eq!(unknown_probe_keys(b"probe.transport=pci").count(), 0);
     }
 }

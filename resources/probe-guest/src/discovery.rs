@@ -26,6 +26,14 @@
 //! [`parse_device`], [`parse_crs`]), unit-tested on the host; [`scan_dsdt`] reads a table in
 //! windows so that a large DSDT needs no large buffer. [`find`] runs both, for a check, and
 //! reports where they disagree: the checks use devices only when the two lists agree.
+//!
+//! The virtio-pci devices ([`find_pci`]) are found as an OS finds them: the ECAM region from
+//! the ACPI MCFG table (segment 0, bus 0), bus 0 enumerated through it (function 0 of each
+//! device, functions 1..7 where the multi-function bit says), each function with vendor 0x1af4
+//! read (256 bytes) and parsed (`pci::VirtioFunction`: modern device ID, revision >= 1,
+//! capability list, virtio structures, MSI-X). Nothing is written. Without an MCFG there is no
+//! PCI for the probe (a problem only when `probe.transport=pci` demands it). [`Found`] is a
+//! device on either transport, as the checks take it.
 
 use core::fmt;
 
@@ -33,6 +41,7 @@ use crate::acpi::{self, AcpiError};
 use crate::aml;
 use crate::checks::{Context, Report};
 use crate::cmdline;
+use crate::pci::{self, Bdf, ConfigSpace, Ecam, VirtioFunction, VENDOR_VIRTIO};
 use crate::phys::{Mem, MemError};
 use crate::text::{Escaped, Size};
 
@@ -973,6 +982,213 @@ pub fn find(ctx: &Context<'_>, report: &mut Report) -> Option<DeviceList> {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// virtio-pci
+
+/// A virtio-pci function and the ECAM region it was found through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciDevice {
+    /// The configuration space access.
+    pub ecam: Ecam,
+    /// What its configuration space says.
+    pub function: VirtioFunction,
+}
+
+/// Up to [`MAX_DEVICES`] virtio-pci functions, in bus order.
+pub type PciList = List<PciDevice>;
+
+/// A fixed-capacity list.
+#[derive(Debug, Clone, Copy)]
+pub struct List<T: Copy> {
+    items: [Option<T>; MAX_DEVICES],
+    len: usize,
+}
+
+impl<T: Copy> List<T> {
+    /// An empty list.
+    pub const fn new() -> Self {
+        Self {
+            items: [None; MAX_DEVICES],
+            len: 0,
+        }
+    }
+
+    /// The items, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
+        self.items[..self.len].iter().flatten()
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds one; false if the list is full.
+    pub fn push(&mut self, item: T) -> bool {
+        match self.items.get_mut(self.len) {
+            Some(slot) => {
+                *slot = Some(item);
+                self.len += 1;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<T: Copy> Default for List<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Shows virtio-pci functions as "00:01.0 blk, 00:02.0 rng", or "none".
+pub struct ListedPci<'a>(pub &'a PciList);
+
+impl fmt::Display for ListedPci<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return write!(f, "none");
+        }
+        for (i, d) in self.0.iter().enumerate() {
+            let func = &d.function;
+            write!(
+                f,
+                "{}{} {}",
+                if i == 0 { "" } else { ", " },
+                func.bdf,
+                func.type_name()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The ECAM region of segment 0 bus 0 that the MCFG names: `Ok(None)` without an MCFG, an
+/// error text for a malformed one or one whose region the probe cannot reach.
+pub fn find_ecam(ctx: &Context<'_>) -> Result<Option<Ecam>, EcamError> {
+    let mcfg = pci::find_mcfg(ctx.mem, ctx.boot_params.acpi_rsdp_addr).map_err(EcamError::Read)?;
+    let Some(mcfg) = mcfg else {
+        return Ok(None);
+    };
+    let e = *mcfg.bus0().ok_or(EcamError::NoBus0)?;
+    Ecam::new(e.base, e.first_bus, e.last_bus)
+        .map(Some)
+        .ok_or(EcamError::Unreachable(e))
+}
+
+/// Why the ECAM region cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EcamError {
+    /// The MCFG (or the tables on the way) could not be read.
+    Read(pci::McfgReadError),
+    /// No allocation for segment 0 starting at bus 0.
+    NoBus0,
+    /// The allocation lies outside the MMIO hole below 4 GiB.
+    Unreachable(pci::McfgEntry),
+}
+
+impl fmt::Display for EcamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read(e) => write!(f, "MCFG: {e}"),
+            Self::NoBus0 => write!(f, "MCFG: no allocation for segment 0 from bus 0"),
+            Self::Unreachable(e) => write!(
+                f,
+                "MCFG: ECAM {e} lies outside 0xc0000000..4 GiB, where the probe maps devices"
+            ),
+        }
+    }
+}
+
+/// Finds the virtio-pci functions of bus 0, for a check (see the module docs). Without an MCFG
+/// the list is empty, or, when `required`, that is a problem. Problems go to `report`; `None`
+/// then.
+pub fn find_pci(ctx: &Context<'_>, report: &mut Report, required: bool) -> Option<PciList> {
+    let ecam = match find_ecam(ctx) {
+        Ok(Some(ecam)) => ecam,
+        Ok(None) if !required => return Some(PciList::new()),
+        Ok(None) => {
+            report.fail(format_args!(
+                "no MCFG in the ACPI tables: no PCI configuration space (probe.transport=pci)"
+            ));
+            return None;
+        }
+        Err(e) => {
+            report.fail(format_args!("{e}"));
+            return None;
+        }
+    };
+    let mut list = PciList::new();
+    let mut ok = true;
+    let mut overflow = false;
+    pci::enumerate(&ecam, 0, |bdf: Bdf, id| {
+        if id as u16 != VENDOR_VIRTIO {
+            return;
+        }
+        let cfg = ConfigSpace::read(&ecam, bdf);
+        match VirtioFunction::parse(bdf, &cfg) {
+            None => {}
+            Some(Ok(function)) => overflow |= !list.push(PciDevice { ecam, function }),
+            Some(Err(e)) => {
+                report.fail(format_args!("virtio-pci {bdf}: {e}"));
+                ok = false;
+            }
+        }
+    });
+    if overflow {
+        report.fail(format_args!("more than {MAX_DEVICES} virtio-pci functions"));
+    }
+    (ok && !overflow).then_some(list)
+}
+
+/// A virtio device on either transport, as the checks take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// A virtio-mmio window.
+    Mmio(Device),
+    /// A virtio-pci function.
+    Pci(PciDevice),
+}
+
+impl Found {
+    /// Where it is, short: "0xc0001000" or "00:01.0".
+    pub fn at(&self) -> At<'_> {
+        At(self)
+    }
+}
+
+/// Shows a device as "virtio-mmio at 0xc0001000" or "virtio-pci 00:01.0".
+impl fmt::Display for Found {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Mmio(d) => write!(f, "virtio-mmio at 0x{:x}", d.base),
+            Self::Pci(p) => write!(f, "virtio-pci {}", p.function.bdf),
+        }
+    }
+}
+
+/// Shows where a device is: "0xc0001000" or "00:01.0".
+pub struct At<'a>(&'a Found);
+
+impl fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Found::Mmio(d) => write!(f, "0x{:x}", d.base),
+            Found::Pci(p) => write!(f, "{}", p.function.bdf),
+        }
+    }
+}
+
+/// A check's devices, in order: the virtio-mmio ones (command-line order), then the virtio-pci
+/// ones (bus order).
+pub type FoundList = List<Found>;
 
 #[cfg(test)]
 mod tests;

@@ -10,8 +10,8 @@
 //! - `wait`: the waiting loop of `probe.exit=hang` (Ctrl+Alt+Del, virtio-blk configuration
 //!   changes, ticks);
 //! - `checks`: the check registry and the checks (`checks::boot`, `checks::blk`,
-//!   `checks::rng`, `checks::blkbench`, `checks::net`, `checks::vsock`, and the benchmark
-//!   checks `checks::netbench`, `checks::vsockbench`);
+//!   `checks::rng`, `checks::blkbench`, `checks::net`, `checks::vsock`, `checks::pci`, and the
+//!   benchmark checks `checks::netbench`, `checks::vsockbench`);
 //! - `net`: the net check's frames (ARP, DHCP) and the benchmark's (`net::bench`: Ethernet,
 //!   IPv4, TCP with checksums, TSO headers), built and parsed (pure, unit-tested);
 //! - `vsock`: the polling virtio-vsock driver (header codec, connections, credit), generic
@@ -19,9 +19,14 @@
 //!   (`vsock::bench`: echo ring, sink and source accounting);
 //! - `bootparams`, `cmdline`, `acpi`, `aml`: parsing what the VMM provides (pure,
 //!   unit-tested);
-//! - `discovery`: the virtio-mmio devices, from the command line and from the DSDT;
-//! - `virtio`: the polling virtio driver core (initialization, split queues, DMA memory) and
-//!   the virtio-mmio transport;
+//! - `discovery`: the virtio-mmio devices, from the command line and from the DSDT, and the
+//!   virtio-pci ones, from bus 0 through the MCFG's ECAM region;
+//! - `pci`: PCI configuration space through ECAM and ports 0xcf8/0xcfc, and what it says
+//!   (header, BARs and their sizing, capabilities, virtio-pci structures, MSI-X, the MCFG;
+//!   pure, unit-tested);
+//! - `virtio`: the polling virtio driver core (initialization, split queues, DMA memory), the
+//!   virtio-mmio transport, and the virtio-pci one (`virtio::pci`, MSI-X masked and polled);
+//! - `mmio`: device registers in the MMIO hole (ECAM, BARs), bounds-checked volatile access;
 //! - `phys`: bounds-checked reads of guest memory;
 //! - `serial`, `cmos`, `boottimer`, `exit`, `keyboard`, `io`: the devices, by port or MMIO
 //!   (`keyboard` also recognises Ctrl+Alt+Del in scan codes);
@@ -46,7 +51,9 @@ mod discovery;
 mod exit;
 mod io;
 mod keyboard;
+mod mmio;
 mod net;
+mod pci;
 mod phys;
 #[cfg(not(test))]
 mod rt;

@@ -228,8 +228,9 @@ probe_idt_ptr:
     .section .probe_stack, "aw", @nobits
     .balign 4096
 probe_user_stack:
-    .skip 0x10000
-probe_user_stack_top:
+    .skip 0x40000                               // 256 KiB: the checks keep device lists and
+                                                // 256-byte config snapshots on the stack, and
+probe_user_stack_top:                           // an overflow has no guard page to stop it
 probe_ring0_stack:
     .skip 0x2000
 probe_ring0_stack_top:

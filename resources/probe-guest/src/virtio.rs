@@ -1,12 +1,13 @@
 //! A polling virtio 1.x driver core: the device initialization sequence, split virtqueues in
 //! the probe's own memory, and the virtio-mmio transport (register layout version 2, modern
-//! only). Nothing here uses interrupts: a request is posted, notified, and its used element
+//! only); the virtio-pci transport is in [`pci`]. Nothing here uses interrupts: a request is posted, notified, and its used element
 //! polled for with a deadline.
 //!
 //! What depends on the transport is behind the [`Transport`] trait (status, features, queue
 //! registers, notification, configuration space), so that the initialization ([`negotiate`],
 //! [`setup_queue`], [`driver_ok`], [`reset`]), the split queue ([`SplitQueue`]) and
-//! [`transact`] serve virtio-pci as well as [`Mmio`], and net or vsock as well as blk and rng.
+//! [`transact`] serve virtio-pci ([`pci::PciTransport`]) as well as [`Mmio`], and net or vsock
+//! as well as blk and rng.
 //!
 //! Device memory: the queues and the buffers live in [`DmaPool`], a 16 KiB page-aligned arena
 //! in the probe's `.bss` (physical = virtual in the start code's identity map), handed to one
@@ -32,6 +33,10 @@ use core::sync::atomic::{compiler_fence, fence, AtomicBool, Ordering};
 
 use crate::phys::MMIO_HOLE_START;
 use crate::tsc::Deadline;
+
+pub mod pci;
+
+pub use pci::AnyTransport;
 
 /// Device status: the guest noticed the device.
 pub const STATUS_ACKNOWLEDGE: u8 = 1;

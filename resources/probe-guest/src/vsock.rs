@@ -19,7 +19,10 @@
 //! send OP_RST ourselves; an OP_RST from the peer closes at once.
 //!
 //! `bench`: the `vsockbench` check's driver (one connection, 64 KiB buffers; echo, sink or
-//! source).
+//! source). The two drivers share the [`Problem`]s, the device's start (`start_queues`), the
+//! first publication of its buffers (`publish_posted`), the transmit queue's reaping
+//! (`reap_tx`), the status look (`check_status`) and the OP_RST reply
+//! ([`Header::reset_reply`]).
 
 use core::fmt;
 
@@ -143,9 +146,22 @@ impl Header {
             fwd_cnt: u32_at(40),
         })
     }
+
+    /// The OP_RST from `cid` that answers this packet.
+    pub fn reset_reply(&self, cid: u64) -> Header {
+        Header {
+            src_cid: cid,
+            dst_cid: self.src_cid,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            kind: TYPE_STREAM,
+            op: OP_RST,
+            ..Header::default()
+        }
+    }
 }
 
-/// What went wrong.
+/// What went wrong, in either driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Problem {
     /// In the virtio machinery, at a step.
@@ -161,6 +177,8 @@ pub enum Problem {
         len: u32,
         /// The header's len (0 if no header).
         payload: u32,
+        /// Data bytes of a chain.
+        data: usize,
     },
     /// A packet for another CID than ours.
     WrongCid {
@@ -172,6 +190,13 @@ pub enum Problem {
         /// The connection's peer port.
         port: u32,
         /// Bytes sent beyond what fits.
+        len: u32,
+        /// Room left.
+        room: u32,
+    },
+    /// The host sent past the credit of the benchmark's echo ring.
+    RingOverrun {
+        /// Bytes in the packet.
         len: u32,
         /// Room left.
         room: u32,
@@ -204,6 +229,18 @@ pub enum Problem {
         /// The host port.
         port: u32,
     },
+    /// The benchmark's connection did not come in time.
+    NoConnection {
+        /// The port listened on.
+        port: u32,
+        /// Seconds waited.
+        secs: u64,
+    },
+    /// The benchmark's connection did not end in time.
+    NoEnd {
+        /// Seconds waited.
+        secs: u64,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -213,15 +250,24 @@ impl fmt::Display for Problem {
             Problem::BadCid(cid) => {
                 write!(f, "configured guest CID {cid} is reserved or too large")
             }
-            Problem::RxUsed { id, len, payload } => write!(
+            Problem::RxUsed {
+                id,
+                len,
+                payload,
+                data,
+            } => write!(
                 f,
                 "receive queue: used element id {id} len {len} (header len {payload}) does not \
-                 match a posted chain of {HDR_LEN} + {DATA_LEN} bytes"
+                 match a posted chain of {HDR_LEN} + {data} bytes"
             ),
             Problem::WrongCid { dst } => write!(f, "received a packet for CID {dst}"),
             Problem::CreditOverrun { port, len, room } => write!(
                 f,
                 "host port {port} sent {len} bytes with {room} bytes of credit left"
+            ),
+            Problem::RingOverrun { len, room } => write!(
+                f,
+                "the host sent {len} bytes with {room} bytes of credit left"
             ),
             Problem::TxStuck => write!(
                 f,
@@ -249,8 +295,87 @@ impl fmt::Display for Problem {
                 "could not send the line to host port {port} (no credit within {} s, or reset)",
                 CONNECT_MS / 1000
             ),
+            Problem::NoConnection { port, secs } => {
+                write!(f, "no connection to port {port} within {secs} s")
+            }
+            Problem::NoEnd { secs } => write!(f, "the connection did not end within {secs} s"),
         }
     }
+}
+
+/// A virtio error at `step` as a [`Problem`].
+fn at(step: &'static str) -> impl Fn(VirtioError) -> Problem {
+    move |e| Problem::Virtio(step, e)
+}
+
+/// A started device: the guest CID and its three queues.
+struct Queues<'p> {
+    cid: u64,
+    rx: SplitQueue<'p>,
+    tx: SplitQueue<'p>,
+    ev: SplitQueue<'p>,
+}
+
+/// Initializes the device (VIRTIO_F_VERSION_1 only), reads the guest CID, sets up the rx and
+/// tx queues (`limit` entries at most) and the event queue (`event_limit`) in memory from
+/// `pool`, and sets DRIVER_OK.
+fn start_queues<'p, T: Transport>(
+    t: &T,
+    pool: &'p DmaPool,
+    limit: u16,
+    event_limit: u16,
+) -> Result<Queues<'p>, Problem> {
+    let no_dma = Problem::Virtio("setup", VirtioError::NoDma);
+    virtio::negotiate(t, 0).map_err(at("init"))?;
+    let cid = virtio::config_u64(t, 0);
+    if cid <= HOST_CID || cid >= u64::from(u32::MAX) {
+        return Err(Problem::BadCid(cid));
+    }
+    let ring = |limit| virtio::queue_memory(pool, limit).ok_or(no_dma);
+    let rx = virtio::setup_queue(t, 0, limit, ring(limit)?).map_err(at("queue 0"))?;
+    let tx = virtio::setup_queue(t, 1, limit, ring(limit)?).map_err(at("queue 1"))?;
+    let ev = virtio::setup_queue(t, 2, event_limit, ring(event_limit)?).map_err(at("queue 2"))?;
+    virtio::driver_ok(t).map_err(at("init"))?;
+    Ok(Queues { cid, rx, tx, ev })
+}
+
+/// Shows the device the receive and event buffers posted at the start, notifying it where it
+/// asks.
+fn publish_posted<T: Transport>(t: &T, rx: &mut SplitQueue<'_>, ev: &mut SplitQueue<'_>) {
+    if rx.publish(false) {
+        t.notify(0);
+    }
+    if ev.publish(false) {
+        t.notify(2);
+    }
+}
+
+/// Takes back the transmit slots the device used: slot `k` is descriptors 2k (its header) and
+/// 2k+1, and `busy[k]` comes free.
+fn reap_tx(tx: &mut SplitQueue<'_>, busy: &mut [bool]) -> Result<(), Problem> {
+    while let Some(used) = tx.pop_used().map_err(at("transmit queue"))? {
+        let k = (used.id / 2) as usize;
+        if used.id % 2 == 0 && k < busy.len() {
+            busy[k] = false;
+        }
+    }
+    Ok(())
+}
+
+/// Counts a poll in `polls` and, every `interval` of them, looks at the device status:
+/// DEVICE_NEEDS_RESET fails.
+fn check_status<T: Transport>(t: &T, polls: &mut u32, interval: u32) -> Result<(), Problem> {
+    *polls = polls.wrapping_add(1);
+    if polls.is_multiple_of(interval) {
+        let status = t.status();
+        if status & STATUS_DEVICE_NEEDS_RESET != 0 {
+            return Err(Problem::Virtio(
+                "polling",
+                VirtioError::NeedsReset { status },
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A connection's state.
@@ -368,21 +493,8 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
     /// Initializes the device (VIRTIO_F_VERSION_1 only), reads the guest CID, sets up the three
     /// queues in memory from `pool` and gives the device its receive and event buffers.
     pub fn start(t: &'t T, pool: &'p DmaPool) -> Result<Self, Problem> {
-        let v = |step| move |e| Problem::Virtio(step, e);
         let no_dma = Problem::Virtio("setup", VirtioError::NoDma);
-        virtio::negotiate(t, 0).map_err(v("init"))?;
-        let cid = virtio::config_u64(t, 0);
-        if cid <= HOST_CID || cid >= u64::from(u32::MAX) {
-            return Err(Problem::BadCid(cid));
-        }
-        let ring = |limit| virtio::queue_memory(pool, limit).ok_or(no_dma);
-        let rx =
-            virtio::setup_queue(t, 0, QUEUE_LIMIT, ring(QUEUE_LIMIT)?).map_err(v("queue 0"))?;
-        let tx =
-            virtio::setup_queue(t, 1, QUEUE_LIMIT, ring(QUEUE_LIMIT)?).map_err(v("queue 1"))?;
-        let ev =
-            virtio::setup_queue(t, 2, EVENT_LIMIT, ring(EVENT_LIMIT)?).map_err(v("queue 2"))?;
-        virtio::driver_ok(t).map_err(v("init"))?;
+        let Queues { cid, rx, tx, ev } = start_queues(t, pool, QUEUE_LIMIT, EVENT_LIMIT)?;
         let mut d = Self {
             t,
             cid,
@@ -405,7 +517,7 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
         for k in 0..rx_chains {
             d.rx_hdr[k] = Some(pool.alloc(HDR_LEN, 8).ok_or(no_dma)?);
             d.rx_data[k] = Some(pool.alloc(DATA_LEN, 8).ok_or(no_dma)?);
-            d.give_rx(k).map_err(v("receive queue"))?;
+            d.give_rx(k).map_err(at("receive queue"))?;
         }
         let tx_slots = usize::from(d.tx.size() / 2).min(TX_SLOTS);
         for k in 0..tx_slots {
@@ -416,14 +528,9 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
             let buf = pool.alloc(8, 8).ok_or(no_dma)?;
             d.ev_bufs[usize::from(k)] = Some(buf);
             d.ev.set_descriptor(k, buf.writable(8), None);
-            d.ev.offer(k).map_err(v("event queue"))?;
+            d.ev.offer(k).map_err(at("event queue"))?;
         }
-        if d.rx.publish(false) {
-            t.notify(0);
-        }
-        if d.ev.publish(false) {
-            t.notify(2);
-        }
+        publish_posted(t, &mut d.rx, &mut d.ev);
         Ok(d)
     }
 
@@ -443,26 +550,11 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
         self.rx.offer(i)
     }
 
-    /// Takes back the transmit slots the device used.
-    fn reap_tx(&mut self) -> Result<(), Problem> {
-        while let Some(used) = self
-            .tx
-            .pop_used()
-            .map_err(|e| Problem::Virtio("transmit queue", e))?
-        {
-            let k = (used.id / 2) as usize;
-            if used.id % 2 == 0 && k < TX_SLOTS {
-                self.tx_busy[k] = false;
-            }
-        }
-        Ok(())
-    }
-
     /// Sends a packet (waiting up to [`TX_WAIT_MS`] for a free slot).
     fn send(&mut self, hdr: Header, data: &[u8]) -> Result<(), Problem> {
         let deadline = Deadline::after_ms(TX_WAIT_MS);
         let k = loop {
-            self.reap_tx()?;
+            reap_tx(&mut self.tx, &mut self.tx_busy)?;
             let free = (0..TX_SLOTS).find(|&k| self.tx_hdr[k].is_some() && !self.tx_busy[k]);
             if let Some(k) = free {
                 break k;
@@ -489,9 +581,7 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
             self.tx.set_descriptor(i, h.readable(HDR_LEN), Some(i + 1));
             self.tx.set_descriptor(i + 1, d.readable(data.len()), None);
         }
-        self.tx
-            .offer(i)
-            .map_err(|e| Problem::Virtio("transmit queue", e))?;
+        self.tx.offer(i).map_err(at("transmit queue"))?;
         self.tx_busy[k] = true;
         if self.tx.publish(false) {
             self.t.notify(1);
@@ -521,18 +611,7 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
     /// Answers `hdr` with OP_RST.
     fn reset_reply(&mut self, hdr: &Header) -> Result<(), Problem> {
         self.stats.resets_sent += 1;
-        self.send(
-            Header {
-                src_cid: self.cid,
-                dst_cid: hdr.src_cid,
-                src_port: hdr.dst_port,
-                dst_port: hdr.src_port,
-                kind: TYPE_STREAM,
-                op: OP_RST,
-                ..Header::default()
-            },
-            &[],
-        )
+        self.send(hdr.reset_reply(self.cid), &[])
     }
 
     /// Frees connection `c`; an echo connection that was set up counts as served.
@@ -552,13 +631,9 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
         if let Some(p) = self.fault {
             return Err(p);
         }
-        self.reap_tx()?;
+        reap_tx(&mut self.tx, &mut self.tx_busy)?;
         let mut gave = false;
-        while let Some(used) = self
-            .rx
-            .pop_used()
-            .map_err(|e| Problem::Virtio("receive queue", e))?
-        {
+        while let Some(used) = self.rx.pop_used().map_err(at("receive queue"))? {
             let k = (used.id / 2) as usize;
             let bufs = (used.id % 2 == 0).then(|| {
                 (
@@ -571,6 +646,7 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
                     id: used.id,
                     len: used.len,
                     payload: 0,
+                    data: DATA_LEN,
                 });
             };
             let mut raw = [0u8; HDR_LEN];
@@ -582,12 +658,12 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
                     id: used.id,
                     len: used.len,
                     payload: hdr.len,
+                    data: DATA_LEN,
                 });
             }
             let mut data = [0u8; DATA_LEN];
             d.read_bytes(0, &mut data[..n]);
-            self.give_rx(k)
-                .map_err(|e| Problem::Virtio("receive queue", e))?;
+            self.give_rx(k).map_err(at("receive queue"))?;
             gave = true;
             self.handle(&hdr, &data[..n])?;
         }
@@ -595,11 +671,7 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
             self.t.notify(0);
         }
         let mut events = false;
-        while let Some(used) = self
-            .ev
-            .pop_used()
-            .map_err(|e| Problem::Virtio("event queue", e))?
-        {
+        while let Some(used) = self.ev.pop_used().map_err(at("event queue"))? {
             // VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (the only event): the connections are gone.
             self.stats.events += 1;
             for c in 0..MAX_CONNS {
@@ -610,9 +682,7 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
             let k = used.id as u16;
             if let Some(buf) = self.ev_bufs.get(usize::from(k)).copied().flatten() {
                 self.ev.set_descriptor(k, buf.writable(8), None);
-                self.ev
-                    .offer(k)
-                    .map_err(|e| Problem::Virtio("event queue", e))?;
+                self.ev.offer(k).map_err(at("event queue"))?;
                 events = true;
             }
         }
@@ -622,17 +692,7 @@ impl<'p, 't, T: Transport> Driver<'p, 't, T> {
         for c in 0..MAX_CONNS {
             self.pump(c)?;
         }
-        self.polls = self.polls.wrapping_add(1);
-        if self.polls.is_multiple_of(STATUS_POLL_INTERVAL) {
-            let status = self.t.status();
-            if status & STATUS_DEVICE_NEEDS_RESET != 0 {
-                return Err(Problem::Virtio(
-                    "polling",
-                    VirtioError::NeedsReset { status },
-                ));
-            }
-        }
-        Ok(())
+        check_status(self.t, &mut self.polls, STATUS_POLL_INTERVAL)
     }
 
     /// Handles one received packet.

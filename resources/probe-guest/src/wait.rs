@@ -23,23 +23,27 @@
 //!    than a period late (the VM was paused: the TSC runs on) is printed once and the next one
 //!    is due N ms after it: no burst of missed ticks after a resume.
 //!
-//! The queue code is the transport-neutral driver core's (`virtio::Transport`): only finding
-//! the devices is virtio-mmio specific.
+//! The disks are found on the transports `probe.transport` allows, as the checks find them
+//! (virtio-mmio, then virtio-pci: see `discovery`); the queue code is the transport-neutral
+//! driver core's (`virtio::Transport`). On virtio-pci MSI-X stays enabled and masked (see
+//! `virtio::pci`): a configuration change is seen by its new ConfigGeneration there, since a
+//! device need not set the ISR's configuration bit while MSI-X is on.
 
 use core::fmt;
 
 use crate::checks::blk::{
     id_text, StatusName, CONFIG_CAPACITY, F_RO, ID_LEN, SECTOR, S_OK, S_UNWRITTEN, T_GET_ID, T_IN,
 };
-use crate::checks::{Context, Report};
-use crate::discovery::{self, MAX_DEVICES};
+use crate::checks::{self, Context, Report};
+use crate::cmdline::TransportChoice;
+use crate::discovery::{self, Found, FoundList, MAX_DEVICES};
 use crate::exit::Ending;
 use crate::keyboard::{self, CtrlAltDel};
 use crate::println;
 use crate::text::{Escaped, Hex};
 use crate::tsc::{self, Deadline};
 use crate::virtio::{
-    self, DmaBuf, DmaPool, Mmio, SplitQueue, Transport, VirtioError, DEVICE_ID_BLOCK,
+    self, AnyTransport, DmaBuf, DmaPool, Mmio, SplitQueue, Transport, VirtioError, DEVICE_ID_BLOCK,
     INT_CONFIG_CHANGE, STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER,
     STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
 };
@@ -83,7 +87,8 @@ pub fn wait(ctx: &Context<'_>) -> Ending {
     // (the loop returns only to reset).
     let pool = DmaPool::take();
     let bufs = pool.as_ref().and_then(Buffers::new);
-    let mut disks: [Option<Watched<'_, Mmio>>; MAX_DEVICES] = core::array::from_fn(|_| None);
+    let mut disks: [Option<Watched<'_, AnyTransport>>; MAX_DEVICES] =
+        core::array::from_fn(|_| None);
     match (&pool, &bufs) {
         (Some(pool), Some(bufs)) => watch_disks(ctx, pool, bufs, &mut disks),
         _ => println!(
@@ -118,49 +123,86 @@ pub fn wait(ctx: &Context<'_>) -> Ending {
     }
 }
 
-/// Finds the virtio-blk devices and starts watching each (a warning for what cannot be).
+/// Finds the virtio-blk devices, on the transports `probe.transport` allows (as the checks
+/// do: virtio-mmio, then virtio-pci), and starts watching each (a warning for what cannot be).
 fn watch_disks<'p>(
     ctx: &Context<'_>,
     pool: &'p DmaPool,
     bufs: &Buffers<'p>,
-    disks: &mut [Option<Watched<'p, Mmio>>],
+    disks: &mut [Option<Watched<'p, AnyTransport>>],
 ) {
-    let mut report = Report::default();
-    let Some(all) = discovery::find(ctx, &mut report) else {
-        println!(
-            "probe: warning: not watching virtio-blk devices: {}",
-            report.problems()
-        );
-        return;
+    // A bad value failed the checks that looked at it; both transports are watched then.
+    let choice = match ctx.args.transport {
+        Some(Ok(choice)) => choice,
+        _ => TransportChoice::Any,
     };
-    let mut slots = disks.iter_mut();
-    let mut index = 0;
-    for d in all.as_slice() {
-        let mmio = match Mmio::new(d.base, d.size).and_then(|m| m.identify().map(|id| (m, id))) {
-            Ok((m, id)) if id.device_id == DEVICE_ID_BLOCK => m,
-            Ok(_) => continue,
-            Err(e) => {
-                println!("probe: warning: not watching virtio-mmio device {d}: {e}");
-                continue;
+    let mut found = FoundList::new();
+    if choice != TransportChoice::Pci {
+        let mut report = Report::default();
+        match discovery::find(ctx, &mut report) {
+            None => println!(
+                "probe: warning: not watching virtio-blk devices: {}",
+                report.problems()
+            ),
+            Some(all) => {
+                for d in all.as_slice() {
+                    match Mmio::new(d.base, d.size).and_then(|m| m.identify()) {
+                        Ok(id) if id.device_id == DEVICE_ID_BLOCK => {
+                            // `found` is as large as `all`.
+                            let _ = found.push(Found::Mmio(*d));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            println!("probe: warning: not watching virtio-mmio device {d}: {e}")
+                        }
+                    }
+                }
             }
-        };
-        let k = index;
-        index += 1;
+        }
+    }
+    if choice != TransportChoice::Mmio {
+        let mut report = Report::default();
+        match discovery::find_pci(ctx, &mut report, choice == TransportChoice::Pci) {
+            None => println!(
+                "probe: warning: not watching virtio-pci devices: {}",
+                report.problems()
+            ),
+            Some(list) => {
+                for p in list
+                    .iter()
+                    .filter(|p| u32::from(p.function.device_type) == DEVICE_ID_BLOCK)
+                {
+                    let _ = found.push(Found::Pci(*p));
+                }
+            }
+        }
+    }
+    let mut slots = disks.iter_mut();
+    for (k, d) in found.iter().enumerate() {
         let (Some(slot), Some(ring)) = (slots.next(), virtio::queue_memory(pool, QUEUE_LIMIT))
         else {
             println!(
-                "probe: warning: not watching virtio-blk device {k} at 0x{:x}: {}",
-                d.base,
+                "probe: warning: not watching virtio-blk device {k} at {}: {}",
+                d.at(),
                 VirtioError::NoDma
             );
             continue;
         };
-        let (disk, started) = Watched::start(mmio, k, ring, bufs);
+        let mut report = Report::default();
+        let label = checks::Label {
+            kind: "virtio-blk",
+            device: d,
+        };
+        let Some(t) = checks::open(d, &label, &mut report) else {
+            println!("probe: warning: not watching {}", report.problems());
+            continue;
+        };
+        let (disk, started) = Watched::start(t, k, ring, bufs);
         if let Err(e) = started {
             println!(
-                "probe: warning: blk {} at 0x{:x}: {e} (restarted on a configuration change)",
+                "probe: warning: blk {} at {}: {e} (restarted on a configuration change)",
                 disk.name(),
-                d.base
+                d.at()
             );
         }
         *slot = Some(disk);

@@ -1,8 +1,10 @@
 //! The `blk` check: do the virtio-blk (DeviceID 2) disks read, write, flush, refuse what they
 //! must, and say who they are?
 //!
-//! The disks are found on the command line and in the DSDT (which must agree, see
-//! `discovery`) and named vda, vdb, ... in command-line order; there must be at least one.
+//! The disks are found on the transports `probe.transport` allows (virtio-mmio: the command
+//! line and the DSDT, which must agree; virtio-pci: bus 0; see `discovery`) and named vda,
+//! vdb, ... in that order (virtio-mmio in command-line order, then virtio-pci in bus order);
+//! there must be at least one.
 //! Each is initialized (taking RO, BLK_SIZE, FLUSH and SEG_MAX where offered), its
 //! configuration read (capacity, blk_size, seg_max), and then, one request at a time on
 //! queue 0 (header, data, status byte):
@@ -20,11 +22,11 @@
 
 use core::fmt::{self, Write};
 
-use crate::checks::{self, Context, Report};
-use crate::discovery::Device;
+use crate::checks::{self, Context, Report, Via};
+use crate::discovery::Found;
 use crate::text::{Escaped, Line, Size};
 use crate::virtio::{
-    self, config_u64, read_config, DmaBuf, DmaPool, Failure, Mmio, SplitQueue, Transport,
+    self, config_u64, read_config, AnyTransport, DmaBuf, DmaPool, Failure, SplitQueue, Transport,
     VirtioError, DEVICE_ID_BLOCK,
 };
 
@@ -93,10 +95,9 @@ pub fn run(ctx: &Context<'_>, report: &mut Report) {
             ))
         }
     };
-    let Some(disks) = checks::virtio_devices(ctx, report, DEVICE_ID_BLOCK, "virtio-blk") else {
+    let Some(disks) = checks::find_devices(ctx, report, DEVICE_ID_BLOCK, "virtio-blk") else {
         return;
     };
-    let disks = disks.as_slice();
     if let Some(list) = ctx.args.blk_id {
         let ids = list.split(|&b| b == b',').count();
         if ids != disks.len() {
@@ -136,15 +137,15 @@ impl fmt::Display for DiskName {
     }
 }
 
-/// A disk as named in problems: "vda at 0xc0001000".
+/// A disk as named in problems: "vda at 0xc0001000", "vda at 00:01.0".
 struct Disk<'a> {
     name: DiskName,
-    device: &'a Device,
+    device: &'a Found,
 }
 
 impl fmt::Display for Disk<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} at 0x{:x}", self.name, self.device.base)
+        write!(f, "{} at {}", self.name, self.device.at())
     }
 }
 
@@ -300,31 +301,26 @@ fn check_disk(
             }
         ))
     };
-    let mmio = match Mmio::new(disk.device.base, disk.device.size) {
-        Ok(m) => m,
-        Err(e) => return fail_virtio(report, "window", e),
+    let Some(t) = checks::open(disk.device, disk, report) else {
+        return;
     };
     let Some(pool) = DmaPool::take() else {
         return fail_virtio(report, "setup", VirtioError::NoDma);
     };
-    let result = drive(&mmio, &pool, sector, want_id);
-    match virtio::reset(&mmio) {
-        Ok(()) => drop(pool),
-        Err(e) => {
-            fail_virtio(report, "reset", e);
-            pool.keep_forever();
-        }
-    }
+    let result = drive(&t, &pool, sector, want_id);
+    let msix = checks::close(&t, pool, disk, report);
     match result {
         Ok(s) => {
             let mut line = Line::<256>::new();
             // Line's write_fmt never fails (it truncates).
             let _ = write!(
                 line,
-                "{} 0x{:x} {} {} id \"{}\" ",
+                "{} {} {} id \"{}\" ",
                 disk.name,
-                disk.device.base,
-                disk.device.irqs,
+                Via {
+                    device: disk.device,
+                    msix
+                },
                 Size(s.capacity.saturating_mul(SECTOR)),
                 Escaped(id_text(&s.id))
             );
@@ -383,7 +379,7 @@ enum Data {
 /// must report every byte it wrote (the data it reads in, and the status byte); a failed one
 /// at least the status byte. GET_ID may write fewer than 20 bytes.
 fn request<'e>(
-    mmio: &Mmio,
+    mmio: &AnyTransport,
     queue: &mut SplitQueue<'_>,
     b: &Buffers<'_>,
     step: &'static str,
@@ -442,7 +438,7 @@ fn request<'e>(
 
 /// Initializes the disk and runs the requests; what the disk turned out to be.
 fn drive<'w>(
-    mmio: &Mmio,
+    mmio: &AnyTransport,
     pool: &DmaPool,
     sector: u64,
     want_id: Option<&'w [u8]>,
@@ -470,7 +466,7 @@ fn drive<'w>(
 
     // Configuration.
     let capacity = config_u64(mmio, CONFIG_CAPACITY);
-    let read_u32 = |offset| read_config(mmio, |t: &Mmio| t.config_u32(offset));
+    let read_u32 = |offset| read_config(mmio, |t: &AnyTransport| t.config_u32(offset));
     if features & F_SEG_MAX != 0 && read_u32(CONFIG_SEG_MAX) == 0 {
         return Err(at("config")(Problem::SegMaxZero));
     }

@@ -9,17 +9,19 @@
 use core::fmt::{self, Write};
 
 use crate::bootparams::{BootParams, CmdlineError};
-use crate::cmdline::Args;
-use crate::discovery::{self, Device, DeviceList, Listed};
+use crate::cmdline::{Args, TransportChoice};
+use crate::discovery::{self, DeviceList, Found, FoundList, Listed, ListedPci};
 use crate::phys::PhysMem;
-use crate::text::Line;
-use crate::virtio::{self, DmaPool, Failure, Mmio, VirtioError};
+use crate::text::{Escaped, Line};
+use crate::virtio::pci::{MsixVerdict, PciTransport};
+use crate::virtio::{self, AnyTransport, DmaPool, Failure, Mmio, VirtioError};
 
 pub mod blk;
 pub mod blkbench;
 pub mod boot;
 pub mod net;
 pub mod netbench;
+pub mod pci;
 pub mod rng;
 pub mod vsock;
 pub mod vsockbench;
@@ -125,41 +127,112 @@ pub const REGISTRY: &[Check] = &[
         name: "vsockbench",
         run: vsockbench::run,
     },
+    Check {
+        name: "pci",
+        run: pci::run,
+    },
 ];
 
-/// The virtio-mmio devices with DeviceID `device_id`, in command-line order, for a check.
+/// The transports `probe.transport` lets the checks use (default any); a bad value is a
+/// problem (`None`).
+pub fn transport_choice(ctx: &Context<'_>, report: &mut Report) -> Option<TransportChoice> {
+    match ctx.args.transport {
+        None => Some(TransportChoice::Any),
+        Some(Ok(choice)) => Some(choice),
+        Some(Err(raw)) => {
+            report.fail(format_args!(
+                "probe.transport={}: expected mmio, pci or any",
+                Escaped(raw)
+            ));
+            None
+        }
+    }
+}
+
+/// The virtio devices with DeviceID `device_id`, for a check, on the transports
+/// `probe.transport` allows: the virtio-mmio ones in command-line order, then the virtio-pci
+/// ones in bus order.
 ///
-/// Finds every device both ways ([`discovery::find`]: the command line and the DSDT must
-/// agree) and identifies each (MagicValue, Version 2, DeviceID; reads only). A window without
-/// a virtio-mmio device behind it is a problem; DeviceID 0 (a placeholder) is skipped. With no
-/// device of that kind, the problem is "no NAME device". `None` (problems reported) when the
+/// virtio-mmio: every device is found both ways ([`discovery::find`]: the command line and the
+/// DSDT must agree) and identified (MagicValue, Version 2, DeviceID; reads only); a window
+/// without a virtio-mmio device behind it is a problem, DeviceID 0 (a placeholder) is skipped.
+/// virtio-pci: bus 0 through the MCFG's ECAM region ([`discovery::find_pci`]; no MCFG, no PCI
+/// devices, unless `probe.transport=pci`); a malformed virtio function is a problem. With no
+/// device of the kind, the problem is "no NAME device". `None` (problems reported) when the
 /// devices could not be found or there is none of the kind.
-pub fn virtio_devices(
+pub fn find_devices(
     ctx: &Context<'_>,
     report: &mut Report,
     device_id: u32,
     name: &str,
-) -> Option<DeviceList> {
-    let all = discovery::find(ctx, report)?;
-    let mut found = DeviceList::new();
-    for d in all.as_slice() {
-        match Mmio::new(d.base, d.size).and_then(|m| m.identify()) {
-            Ok(id) if id.device_id == device_id => {
-                // `found` is as large as `all`.
-                let _ = found.push(*d);
+) -> Option<FoundList> {
+    let choice = transport_choice(ctx, report)?;
+    let mmio = match choice {
+        TransportChoice::Pci => None,
+        _ => Some(discovery::find(ctx, report)),
+    };
+    let pci = match choice {
+        TransportChoice::Mmio => None,
+        _ => Some(discovery::find_pci(
+            ctx,
+            report,
+            choice == TransportChoice::Pci,
+        )),
+    };
+    let mut found = FoundList::new();
+    if let Some(all) = &mmio {
+        for d in all.as_ref()?.as_slice() {
+            match Mmio::new(d.base, d.size).and_then(|m| m.identify()) {
+                Ok(id) if id.device_id == device_id => {
+                    // `found` is as large as `all`.
+                    let _ = found.push(Found::Mmio(*d));
+                }
+                Ok(_) => {}
+                Err(e) => report.fail(format_args!("virtio-mmio device {d}: {e}")),
             }
-            Ok(_) => {}
-            Err(e) => report.fail(format_args!("virtio-mmio device {d}: {e}")),
         }
     }
-    if found.as_slice().is_empty() {
-        report.fail(format_args!(
-            "no {name} device (virtio-mmio devices: {})",
-            Listed(all.as_slice())
-        ));
+    if let Some(list) = &pci {
+        for p in list.as_ref()?.iter() {
+            if u32::from(p.function.device_type) == device_id && !found.push(Found::Pci(*p)) {
+                report.fail(format_args!(
+                    "more than {} virtio devices",
+                    discovery::MAX_DEVICES
+                ));
+                return None;
+            }
+        }
+    }
+    if found.is_empty() {
+        let seen = Seen {
+            mmio: mmio.as_ref().and_then(Option::as_ref),
+            pci: pci.as_ref().and_then(Option::as_ref),
+        };
+        report.fail(format_args!("no {name} device ({seen})"));
         return None;
     }
     Some(found)
+}
+
+/// What was found, for "no NAME device (...)".
+struct Seen<'a> {
+    mmio: Option<&'a DeviceList>,
+    pci: Option<&'a discovery::PciList>,
+}
+
+impl fmt::Display for Seen<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(m) = self.mmio {
+            write!(f, "virtio-mmio devices: {}", Listed(m.as_slice()))?;
+        }
+        if let Some(p) = self.pci {
+            if self.mmio.is_some() {
+                write!(f, "; ")?;
+            }
+            write!(f, "virtio-pci devices: {}", ListedPci(p))?;
+        }
+        Ok(())
+    }
 }
 
 /// Reports that `step` failed with `error` on the device named `label`.
@@ -174,56 +247,127 @@ pub fn fail_step(report: &mut Report, label: &dyn fmt::Display, step: &str, erro
     ));
 }
 
-/// Runs `exercise` on the virtio-mmio device `d` with the DMA pool, then resets the device.
-/// A window that cannot be mapped, no DMA pool, or a failed reset is reported under `label`;
-/// after a failed reset the pool is never reused, since the device may still write to it.
-/// `None` when `exercise` could not run.
-pub fn with_device<T>(
-    d: &Device,
-    label: &dyn fmt::Display,
-    report: &mut Report,
-    exercise: impl FnOnce(&Mmio, &DmaPool) -> T,
-) -> Option<T> {
-    with_device_in(d, label, report, DmaPool::take, exercise)
+/// Opens the device `d` for a driver: the virtio-mmio window, or the virtio-pci function
+/// (memory decode, bus mastering, MSI-X enabled and masked; see `virtio::pci`). A device that
+/// cannot be opened is reported under `label` (step "window" or "pci setup").
+pub fn open(d: &Found, label: &dyn fmt::Display, report: &mut Report) -> Option<AnyTransport> {
+    match d {
+        Found::Mmio(m) => match Mmio::new(m.base, m.size) {
+            Ok(mmio) => Some(AnyTransport::Mmio(mmio)),
+            Err(e) => {
+                fail_step(report, label, "window", e);
+                None
+            }
+        },
+        Found::Pci(p) => match PciTransport::open(&p.ecam, &p.function) {
+            Ok(t) => Some(AnyTransport::Pci(t)),
+            Err(e) => {
+                report.fail(format_args!("{label}: pci setup: {e}"));
+                None
+            }
+        },
+    }
 }
 
-/// [`with_device`] with the large DMA arena ([`DmaPool::take_large`]), for the benchmarks.
-pub fn with_device_large<T>(
-    d: &Device,
+/// Ends a driver's use of `t`: on virtio-pci, the MSI-X verdict (a refused vector, or used
+/// buffers without a pending bit, is a problem), then the reset; after a failed reset the pool
+/// is never reused, since the device may still write to it. Returns the MSI-X verdict
+/// (virtio-pci only).
+pub fn close(
+    t: &AnyTransport,
+    pool: DmaPool,
     label: &dyn fmt::Display,
     report: &mut Report,
-    exercise: impl FnOnce(&Mmio, &DmaPool) -> T,
-) -> Option<T> {
-    with_device_in(d, label, report, DmaPool::take_large, exercise)
-}
-
-fn with_device_in<T>(
-    d: &Device,
-    label: &dyn fmt::Display,
-    report: &mut Report,
-    take: fn() -> Option<DmaPool>,
-    exercise: impl FnOnce(&Mmio, &DmaPool) -> T,
-) -> Option<T> {
-    let mmio = match Mmio::new(d.base, d.size) {
-        Ok(m) => m,
-        Err(e) => {
-            fail_step(report, label, "window", e);
-            return None;
-        }
-    };
-    let Some(pool) = take() else {
-        fail_step(report, label, "setup", VirtioError::NoDma);
-        return None;
-    };
-    let result = exercise(&mmio, &pool);
-    match virtio::reset(&mmio) {
+) -> Option<MsixVerdict> {
+    let verdict = t.as_pci().map(PciTransport::msix_verdict);
+    if let Some(v) = verdict.filter(MsixVerdict::failed) {
+        report.fail(format_args!("{label}: {v}"));
+    }
+    match virtio::reset(t) {
         Ok(()) => drop(pool),
         Err(e) => {
             fail_step(report, label, "reset", e);
             pool.keep_forever();
         }
     }
-    Some(result)
+    verdict
+}
+
+/// Runs `exercise` on the device `d` (either transport) with the DMA pool, then ends with
+/// [`close`]. A device that cannot be opened or no DMA pool is reported under `label`. `None`
+/// when `exercise` could not run; else its result and the MSI-X verdict (virtio-pci).
+pub fn with_transport<T>(
+    d: &Found,
+    label: &dyn fmt::Display,
+    report: &mut Report,
+    exercise: impl FnOnce(&AnyTransport, &DmaPool) -> T,
+) -> Option<(T, Option<MsixVerdict>)> {
+    with_transport_in(d, label, report, DmaPool::take, exercise)
+}
+
+/// [`with_transport`] with the large DMA arena ([`DmaPool::take_large`]), for the benchmarks.
+pub fn with_transport_large<T>(
+    d: &Found,
+    label: &dyn fmt::Display,
+    report: &mut Report,
+    exercise: impl FnOnce(&AnyTransport, &DmaPool) -> T,
+) -> Option<(T, Option<MsixVerdict>)> {
+    with_transport_in(d, label, report, DmaPool::take_large, exercise)
+}
+
+fn with_transport_in<T>(
+    d: &Found,
+    label: &dyn fmt::Display,
+    report: &mut Report,
+    take: fn() -> Option<DmaPool>,
+    exercise: impl FnOnce(&AnyTransport, &DmaPool) -> T,
+) -> Option<(T, Option<MsixVerdict>)> {
+    let t = open(d, label, report)?;
+    let Some(pool) = take() else {
+        fail_step(report, label, "setup", VirtioError::NoDma);
+        return None;
+    };
+    let result = exercise(&t, &pool);
+    let msix = close(&t, pool, label, report);
+    Some((result, msix))
+}
+
+/// Which transport a check used, for its `ok` line: "virtio-mmio at 0xc0001000 irq 5", or
+/// "virtio-pci 00:01.0 (MSI-X masked, vector 1 pending)".
+pub struct Via<'a> {
+    /// The device.
+    pub device: &'a Found,
+    /// What the MSI-X pending bits showed (virtio-pci).
+    pub msix: Option<MsixVerdict>,
+}
+
+impl fmt::Display for Via<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.device {
+            Found::Mmio(d) => write!(f, "virtio-mmio at 0x{:x} {}", d.base, d.irqs),
+            Found::Pci(p) => {
+                write!(f, "virtio-pci {}", p.function.bdf)?;
+                match &self.msix {
+                    Some(v) => write!(f, " ({v})"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Names a device of a kind in problems: "virtio-rng at 0xc0003000", "virtio-rng at 00:04.0".
+pub struct Label<'a> {
+    /// The kind ("virtio-rng").
+    pub kind: &'static str,
+    /// The device.
+    pub device: &'a Found,
+}
+
+impl fmt::Display for Label<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at {}", self.kind, self.device.at())
+    }
 }
 
 /// The check called `name`.

@@ -1,8 +1,9 @@
 //! The `net` check: does the virtio-net device (DeviceID 1) carry a frame out and an answer
 //! back?
 //!
-//! The devices are found on the command line and in the DSDT (which must agree, see
-//! `discovery`); the first virtio-net device is driven (by polling; no interrupts):
+//! The devices are found on the transports `probe.transport` allows (virtio-mmio: the command
+//! line and the DSDT, which must agree; virtio-pci: bus 0; see `discovery`); the first
+//! virtio-net device is driven (by polling; no interrupts):
 //! VIRTIO_F_VERSION_1 and VIRTIO_NET_F_MAC are required and taken, VIRTIO_NET_F_MRG_RXBUF
 //! taken where offered (the 12-byte header of VERSION_1 either way, its num_buffers then
 //! checked); the MAC is read from the configuration space. Queue 0 (receive) gets up to 8
@@ -22,7 +23,8 @@
 
 use core::fmt;
 
-use crate::checks::{self, Context, Report};
+use crate::checks::{self, Context, Report, Via};
+use crate::discovery::Found;
 use crate::net::{self, Answer, Ip, Mac, Verdict};
 use crate::tsc::{self, Deadline};
 use crate::virtio::{
@@ -99,31 +101,35 @@ pub fn run(ctx: &Context<'_>, report: &mut Report) {
     } else {
         Mode::Arp { ip, peer }
     };
-    let Some(devices) = checks::virtio_devices(ctx, report, DEVICE_ID_NET, "virtio-net") else {
+    let Some(devices) = checks::find_devices(ctx, report, DEVICE_ID_NET, "virtio-net") else {
         return;
     };
-    let Some(d) = devices.as_slice().first() else {
+    let Some(d) = devices.iter().next() else {
         return;
     };
-    let label = Label(d.base);
-    let Some(result) =
-        checks::with_device(d, &label, report, |mmio, pool| exchange(mmio, pool, mode))
+    let label = Label(d);
+    let Some((result, msix)) =
+        checks::with_transport(d, &label, report, |t, pool| exchange(t, pool, mode))
     else {
         return;
     };
     match result {
-        Ok((mac, answer)) => report.detail(format_args!("mac {mac}, {answer}")),
+        Ok((mac, answer)) => report.detail(format_args!(
+            "mac {mac}, {answer}, {}",
+            Via { device: d, msix }
+        )),
         Err(Problem::Virtio(step, e)) => checks::fail_step(report, &label, step, e),
         Err(p) => report.fail(format_args!("{label}: {p}")),
     }
 }
 
-/// How the device is named in problems.
-struct Label(u64);
+/// How the device is named in problems (by the `netbench` check too): "virtio-net at
+/// 0xc0004000", "virtio-net at 00:04.0".
+pub struct Label<'a>(pub &'a Found);
 
-impl fmt::Display for Label {
+impl fmt::Display for Label<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "virtio-net at 0x{:x}", self.0)
+        write!(f, "virtio-net at {}", self.0.at())
     }
 }
 
@@ -198,7 +204,7 @@ impl fmt::Display for Problem {
 }
 
 /// Reads the 6-byte MAC from the configuration space (offset 0), in one generation.
-fn read_mac<T: Transport>(t: &T) -> Mac {
+pub fn read_mac<T: Transport>(t: &T) -> Mac {
     virtio::read_config(t, |t| {
         let mut m = [0u8; 6];
         for (i, b) in m.iter_mut().enumerate() {

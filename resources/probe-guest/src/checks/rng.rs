@@ -1,16 +1,15 @@
 //! The `rng` check: does every virtio-rng (entropy, DeviceID 4) device hand out random bytes?
 //!
-//! The devices are found on the command line and in the DSDT (which must agree, see
-//! `discovery`); there must be at least one. Each is initialized (no feature beyond
+//! The devices are found on the transports `probe.transport` allows (virtio-mmio: the command
+//! line and the DSDT, which must agree; virtio-pci: bus 0; see `discovery`); there must be at
+//! least one. Each is initialized (no feature beyond
 //! VIRTIO_F_VERSION_1), given one device-writable 64-byte buffer on queue 0, and polled for
 //! the answer: the used length must be 1..=64 and the bytes written not all equal. The device
 //! is reset afterwards.
 
-use core::fmt;
-
-use crate::checks::{self, Context, Report};
-use crate::discovery::Device;
-use crate::virtio::{self, DmaPool, Mmio, VirtioError, DEVICE_ID_ENTROPY};
+use crate::checks::{self, Context, Label, Report, Via};
+use crate::discovery::Found;
+use crate::virtio::{self, AnyTransport, DmaPool, VirtioError, DEVICE_ID_ENTROPY};
 
 /// Bytes asked for.
 const REQUEST_LEN: usize = 64;
@@ -21,20 +20,11 @@ const TIMEOUT_MS: u64 = 2000;
 
 /// Runs the rng check.
 pub fn run(ctx: &Context<'_>, report: &mut Report) {
-    let Some(devices) = checks::virtio_devices(ctx, report, DEVICE_ID_ENTROPY, "virtio-rng") else {
+    let Some(devices) = checks::find_devices(ctx, report, DEVICE_ID_ENTROPY, "virtio-rng") else {
         return;
     };
-    for d in devices.as_slice() {
+    for d in devices.iter() {
         check_device(d, report);
-    }
-}
-
-/// How a device is named in problems.
-struct Label(u64);
-
-impl fmt::Display for Label {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "virtio-rng at 0x{:x}", self.0)
     }
 }
 
@@ -49,15 +39,18 @@ enum Problem {
 }
 
 /// Drives one device through a request, then resets it.
-fn check_device(d: &Device, report: &mut Report) {
-    let label = Label(d.base);
-    let Some(result) = checks::with_device(d, &label, report, request) else {
+fn check_device(d: &Found, report: &mut Report) {
+    let label = Label {
+        kind: "virtio-rng",
+        device: d,
+    };
+    let Some((result, msix)) = checks::with_transport(d, &label, report, request) else {
         return;
     };
     match result {
         Ok(len) => report.detail(format_args!(
-            "device at 0x{:x} {}, {len} bytes",
-            d.base, d.irqs
+            "{}, {len} bytes",
+            Via { device: d, msix }
         )),
         Err(Problem::Virtio(step, error)) => checks::fail_step(report, &label, step, error),
         Err(Problem::Len(len)) => report.fail(format_args!(
@@ -70,14 +63,14 @@ fn check_device(d: &Device, report: &mut Report) {
 }
 
 /// Initializes the device, asks for [`REQUEST_LEN`] bytes, checks them; the number of bytes.
-fn request(mmio: &Mmio, pool: &DmaPool) -> Result<u32, Problem> {
+fn request(t: &AnyTransport, pool: &DmaPool) -> Result<u32, Problem> {
     let v = |step| move |e| Problem::Virtio(step, e);
-    let (_, _, mut queue) = virtio::start_one_queue(mmio, pool, 0, QUEUE_LIMIT)
+    let (_, _, mut queue) = virtio::start_one_queue(t, pool, 0, QUEUE_LIMIT)
         .map_err(|(step, e)| Problem::Virtio(step, e))?;
     let buf = pool
         .alloc(REQUEST_LEN, 16)
         .ok_or(Problem::Virtio("setup", VirtioError::NoDma))?;
-    let used = virtio::transact(mmio, &mut queue, &[buf.writable(REQUEST_LEN)], TIMEOUT_MS)
+    let used = virtio::transact(t, &mut queue, &[buf.writable(REQUEST_LEN)], TIMEOUT_MS)
         .map_err(v("request"))?;
     if used.len == 0 || used.len as usize > REQUEST_LEN {
         return Err(Problem::Len(used.len));

@@ -1,8 +1,9 @@
 //! The `vsock` check: does the virtio-vsock device (DeviceID 19) carry stream connections
 //! both ways?
 //!
-//! The devices are found on the command line and in the DSDT (which must agree, see
-//! `discovery`); the first virtio-vsock device is driven by polling (`vsock`: Firecracker's
+//! The devices are found on the transports `probe.transport` allows (virtio-mmio: the command
+//! line and the DSDT, which must agree; virtio-pci: bus 0; see `discovery`); the first
+//! virtio-vsock device is driven by polling (`vsock`: Firecracker's
 //! model, the guest CID from the configuration space, the host at CID 2):
 //!
 //! 1. echo server: listens on guest port `probe.vsock_port` (default 52), answers each host
@@ -17,10 +18,11 @@
 
 use core::fmt;
 
-use crate::checks::{self, Context, Report};
+use crate::checks::{self, Context, Report, Via};
 use crate::cmdline::Setting;
+use crate::discovery::Found;
 use crate::text::Escaped;
-use crate::virtio::{DmaPool, Mmio, DEVICE_ID_VSOCK};
+use crate::virtio::{AnyTransport, DmaPool, DEVICE_ID_VSOCK};
 use crate::vsock::{Driver, Problem};
 
 /// The line sent to `probe.vsock_host_port`.
@@ -87,16 +89,16 @@ pub fn run(ctx: &Context<'_>, report: &mut Report) {
     else {
         return;
     };
-    let Some(devices) = checks::virtio_devices(ctx, report, DEVICE_ID_VSOCK, "virtio-vsock") else {
+    let Some(devices) = checks::find_devices(ctx, report, DEVICE_ID_VSOCK, "virtio-vsock") else {
         return;
     };
-    let Some(d) = devices.as_slice().first() else {
+    let Some(d) = devices.iter().next() else {
         return;
     };
-    let label = Label(d.base);
-    let Some(result) = checks::with_device(d, &label, report, |mmio, pool| {
+    let label = Label(d);
+    let Some((result, msix)) = checks::with_transport(d, &label, report, |t, pool| {
         exercise(
-            mmio,
+            t,
             pool,
             port as u32,
             conns as u32,
@@ -109,8 +111,11 @@ pub fn run(ctx: &Context<'_>, report: &mut Report) {
     match result {
         Ok(o) => {
             report.detail(format_args!(
-                "cid {}, echoed {} bytes over {} connections",
-                o.cid, o.echoed, o.served
+                "cid {}, echoed {} bytes over {} connections, {}",
+                o.cid,
+                o.echoed,
+                o.served,
+                Via { device: d, msix }
             ));
         }
         Err(Problem::Virtio(step, e)) => checks::fail_step(report, &label, step, e),
@@ -127,14 +132,14 @@ struct Outcome {
 
 /// Starts the device, serves the echo connections, then connects to the host if asked.
 fn exercise(
-    mmio: &Mmio,
+    t: &AnyTransport,
     pool: &DmaPool,
     port: u32,
     conns: u32,
     timeout_ms: u64,
     host_port: Option<u32>,
 ) -> Result<Outcome, Problem> {
-    let mut d = Driver::start(mmio, pool)?;
+    let mut d = Driver::start(t, pool)?;
     d.serve(port, conns, timeout_ms)?;
     if let Some(p) = host_port {
         d.connect_and_send(p, HOST_LINE)?;
@@ -146,11 +151,12 @@ fn exercise(
     })
 }
 
-/// How the device is named in problems.
-struct Label(u64);
+/// How the device is named in problems (by the `vsockbench` check too): "virtio-vsock at
+/// 0xc0005000", "virtio-vsock at 00:05.0".
+pub struct Label<'a>(pub &'a Found);
 
-impl fmt::Display for Label {
+impl fmt::Display for Label<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "virtio-vsock at 0x{:x}", self.0)
+        write!(f, "virtio-vsock at {}", self.0.at())
     }
 }

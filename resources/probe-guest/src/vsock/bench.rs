@@ -21,18 +21,16 @@
 //! The connection ends with the host's OP_SHUTDOWN (answered with OP_RST) or OP_RST; a
 //! source sends OP_SHUTDOWN when its time is up and waits up to 2 s for the host's OP_RST.
 //!
-//! [`Flow`] and [`Ring`] are pure and unit-tested; the queue work is as in `vsock`.
-
-use core::fmt;
+//! [`Flow`] and [`Ring`] are pure and unit-tested; the queue work is as in `vsock`, whose
+//! [`Problem`]s, device start, transmit reaping and status look this driver uses.
 
 use super::{
-    Header, HDR_LEN, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
-    OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+    at, check_status, publish_posted, reap_tx, start_queues, Header, Problem, Queues, HDR_LEN,
+    HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
+    OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
 use crate::tsc::{self, Deadline};
-use crate::virtio::{
-    self, DmaBuf, DmaPool, Segment, SplitQueue, Transport, VirtioError, STATUS_DEVICE_NEEDS_RESET,
-};
+use crate::virtio::{DmaBuf, DmaPool, Segment, SplitQueue, Transport, VirtioError};
 
 /// The most data in one packet, either way (the device's limit too).
 pub const MAX_DATA: usize = 64 * 1024;
@@ -216,82 +214,6 @@ impl Ring {
     }
 }
 
-/// What went wrong.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Problem {
-    /// In the virtio machinery, at a step.
-    Virtio(&'static str, VirtioError),
-    /// The configured guest CID is reserved (0, 1, 2, u32::MAX) or above 32 bits.
-    BadCid(u64),
-    /// A used receive element names no chain, or its length does not hold the header and
-    /// the data it announces.
-    RxUsed {
-        /// Used element id.
-        id: u32,
-        /// Used length.
-        len: u32,
-        /// The header's len.
-        payload: u32,
-    },
-    /// A packet for another CID than ours.
-    WrongCid {
-        /// Its dst_cid.
-        dst: u64,
-    },
-    /// The host sent past the credit of the echo ring.
-    CreditOverrun {
-        /// Bytes in the packet.
-        len: u32,
-        /// Room left.
-        room: u32,
-    },
-    /// No transmit slot came free.
-    TxStuck,
-    /// No connection came in time.
-    NoConnection {
-        /// The port listened on.
-        port: u32,
-        /// Seconds waited.
-        secs: u64,
-    },
-    /// The connection did not end in time.
-    NoEnd {
-        /// Seconds waited.
-        secs: u64,
-    },
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Self::Virtio(step, e) => write!(f, "{step}: {e}"),
-            Self::BadCid(cid) => write!(f, "configured guest CID {cid} is reserved or too large"),
-            Self::RxUsed { id, len, payload } => write!(
-                f,
-                "receive queue: used element id {id} len {len} (header len {payload}) does not \
-                 match a posted chain of {HDR_LEN} + {MAX_DATA} bytes"
-            ),
-            Self::WrongCid { dst } => write!(f, "received a packet for CID {dst}"),
-            Self::CreditOverrun { len, room } => write!(
-                f,
-                "the host sent {len} bytes with {room} bytes of credit left"
-            ),
-            Self::TxStuck => write!(
-                f,
-                "transmit queue: no buffer came back within {TX_WAIT_MS} ms"
-            ),
-            Self::NoConnection { port, secs } => {
-                write!(f, "no connection to port {port} within {secs} s")
-            }
-            Self::NoEnd { secs } => write!(f, "the connection did not end within {secs} s"),
-        }
-    }
-}
-
-fn at(step: &'static str) -> impl Fn(VirtioError) -> Problem {
-    move |e| Problem::Virtio(step, e)
-}
-
 /// What the connection did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Stats {
@@ -359,19 +281,12 @@ impl<'p, 't, T: Transport> BenchDriver<'p, 't, T> {
     /// accept one connection to `port` and serve it as `mode` says.
     pub fn start(t: &'t T, pool: &'p DmaPool, mode: Mode, port: u32) -> Result<Self, Problem> {
         let no_dma = Problem::Virtio("setup", VirtioError::NoDma);
-        virtio::negotiate(t, 0).map_err(at("init"))?;
-        let cid = virtio::config_u64(t, 0);
-        if cid <= HOST_CID || cid >= u64::from(u32::MAX) {
-            return Err(Problem::BadCid(cid));
-        }
-        let ring = |limit| virtio::queue_memory(pool, limit).ok_or(no_dma);
-        let rx =
-            virtio::setup_queue(t, 0, QUEUE_LIMIT, ring(QUEUE_LIMIT)?).map_err(at("queue 0"))?;
-        let tx =
-            virtio::setup_queue(t, 1, QUEUE_LIMIT, ring(QUEUE_LIMIT)?).map_err(at("queue 1"))?;
-        let mut ev =
-            virtio::setup_queue(t, 2, EVENT_LIMIT, ring(EVENT_LIMIT)?).map_err(at("queue 2"))?;
-        virtio::driver_ok(t).map_err(at("init"))?;
+        let Queues {
+            cid,
+            rx,
+            tx,
+            mut ev,
+        } = start_queues(t, pool, QUEUE_LIMIT, EVENT_LIMIT)?;
         for k in 0..EVENT_BUFS.min(ev.size()) {
             let buf = pool.alloc(8, 8).ok_or(no_dma)?;
             ev.set_descriptor(k, buf.writable(8), None);
@@ -410,12 +325,7 @@ impl<'p, 't, T: Transport> BenchDriver<'p, 't, T> {
         d.rx.suppress_interrupts(false);
         d.tx.suppress_interrupts(false);
         d.ev.suppress_interrupts(false);
-        if d.rx.publish(false) {
-            t.notify(0);
-        }
-        if d.ev.publish(false) {
-            t.notify(2);
-        }
+        publish_posted(t, &mut d.rx, &mut d.ev);
         Ok(d)
     }
 
@@ -442,13 +352,7 @@ impl<'p, 't, T: Transport> BenchDriver<'p, 't, T> {
 
     /// Takes back the transmit slots the device used.
     fn reap_tx(&mut self) -> Result<(), Problem> {
-        while let Some(used) = self.tx.pop_used().map_err(at("transmit queue"))? {
-            let k = (used.id / 2) as usize;
-            if used.id % 2 == 0 && k < self.tx_slots {
-                self.tx_busy[k] = false;
-            }
-        }
-        Ok(())
+        reap_tx(&mut self.tx, &mut self.tx_busy[..self.tx_slots])
     }
 
     fn free_slot(&self) -> Option<usize> {
@@ -506,19 +410,24 @@ impl<'p, 't, T: Transport> BenchDriver<'p, 't, T> {
         }
     }
 
-    /// Sends a control packet (no data) now, waiting up to [`TX_WAIT_MS`] for a slot.
-    fn send_control(&mut self, op: u16, flags: u32) -> Result<(), Problem> {
+    /// A free transmit slot, waiting up to [`TX_WAIT_MS`] for one.
+    fn wait_slot(&mut self) -> Result<usize, Problem> {
         let deadline = Deadline::after_ms(TX_WAIT_MS);
-        let k = loop {
+        loop {
             self.reap_tx()?;
             if let Some(k) = self.free_slot() {
-                break k;
+                return Ok(k);
             }
             if deadline.expired() {
                 return Err(Problem::TxStuck);
             }
             core::hint::spin_loop();
-        };
+        }
+    }
+
+    /// Sends a control packet (no data) now, waiting up to [`TX_WAIT_MS`] for a slot.
+    fn send_control(&mut self, op: u16, flags: u32) -> Result<(), Problem> {
+        let k = self.wait_slot()?;
         let hdr = self.header(op, flags, 0);
         self.offer(k, &hdr, None)?;
         self.publish_tx();
@@ -527,27 +436,8 @@ impl<'p, 't, T: Transport> BenchDriver<'p, 't, T> {
 
     /// Answers a packet that has no connection with OP_RST.
     fn reset_reply(&mut self, hdr: &Header) -> Result<(), Problem> {
-        let deadline = Deadline::after_ms(TX_WAIT_MS);
-        let k = loop {
-            self.reap_tx()?;
-            if let Some(k) = self.free_slot() {
-                break k;
-            }
-            if deadline.expired() {
-                return Err(Problem::TxStuck);
-            }
-            core::hint::spin_loop();
-        };
-        let rst = Header {
-            src_cid: self.cid,
-            dst_cid: hdr.src_cid,
-            src_port: hdr.dst_port,
-            dst_port: hdr.src_port,
-            kind: TYPE_STREAM,
-            op: OP_RST,
-            ..Header::default()
-        };
-        self.offer(k, &rst, None)?;
+        let k = self.wait_slot()?;
+        self.offer(k, &hdr.reset_reply(self.cid), None)?;
         self.publish_tx();
         Ok(())
     }
@@ -574,6 +464,7 @@ impl<'p, 't, T: Transport> BenchDriver<'p, 't, T> {
                     id: used.id,
                     len: used.len,
                     payload: hdr.len,
+                    data: MAX_DATA,
                 });
             }
             self.handle(&hdr, k)?;
@@ -606,17 +497,7 @@ impl<'p, 't, T: Transport> BenchDriver<'p, 't, T> {
             }
             Mode::Sink | Mode::Source => {}
         }
-        self.polls = self.polls.wrapping_add(1);
-        if self.polls.is_multiple_of(STATUS_POLL_INTERVAL) {
-            let status = self.t.status();
-            if status & STATUS_DEVICE_NEEDS_RESET != 0 {
-                return Err(Problem::Virtio(
-                    "polling",
-                    VirtioError::NeedsReset { status },
-                ));
-            }
-        }
-        Ok(())
+        check_status(self.t, &mut self.polls, STATUS_POLL_INTERVAL)
     }
 
     /// Handles one received packet (its data in receive chain `k`).
@@ -664,7 +545,7 @@ impl<'p, 't, T: Transport> BenchDriver<'p, 't, T> {
                     Mode::Echo => {
                         let room = self.ring.room();
                         let Some(spans) = self.ring.push(n) else {
-                            return Err(Problem::CreditOverrun {
+                            return Err(Problem::RingOverrun {
                                 len: n as u32,
                                 room: room as u32,
                             });
