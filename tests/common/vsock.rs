@@ -6,11 +6,23 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Connects to guest port `port` through the vsock socket `uds`, retrying for up to 20 s
-/// while the guest does not listen yet (the device then closes the client).
+/// while the socket does not exist yet (cgvm is starting) or the guest does not listen yet
+/// (the device then closes the client).
 pub fn connect(uds: &Path, port: u32) -> UnixStream {
     let start = Instant::now();
     loop {
-        let mut s = UnixStream::connect(uds).expect("connect to the vsock socket");
+        let mut s = match UnixStream::connect(uds) {
+            Ok(s) => s,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "connect to the vsock socket {}: {e}",
+                    uds.display()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
         s.set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
         s.write_all(format!("CONNECT {port}\n").as_bytes())
