@@ -132,8 +132,23 @@ impl Passt {
                 stderr: stderr.trim().to_string(),
             });
         }
-        // Its stderr is not read further; passt writes to it only on errors.
-        drop(child.stderr.take());
+        // Whatever passt says later goes to the log (info: as root it always says it changes
+        // to nobody, and that it has no syslog). The pipe must stay open: passt writing
+        // to a closed one would die of SIGPIPE (it did, now and then, under load).
+        if let Some(err) = child.stderr.take() {
+            let pid = child.id();
+            let spawned = std::thread::Builder::new()
+                .name("cgvm-passt-log".into())
+                .spawn(move || {
+                    use std::io::BufRead;
+                    for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                        log::info!("passt (pid {pid}): {line}");
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("cannot start the thread that logs passt's messages: {e}");
+            }
+        }
         log::info!(
             "passt started (pid {}) with {} forwarded ports",
             child.id(),
