@@ -165,10 +165,13 @@ fn an_iops_limit_bounds_what_the_guest_gets() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{k} in {line}"))
     };
-    let (ops, secs) = (field("ops="), field("ns=") / 1e9);
-    let bound = 200.0 + 200.0 * secs * 1.05 + 40.0; // 5% clock slack, requests in flight
+    // The window is measured by the host: the whole run (the guest's own clock, calibrated
+    // in the guest, can be off on a loaded host). Every request completed inside it.
+    let ops = field("ops=");
+    let secs = r.took.as_secs_f64();
+    let bound = 200.0 + 200.0 * secs + 40.0; // + requests in flight
     assert!(
         ops > 0.0 && ops <= bound,
-        "{ops} ops in {secs:.3} s: {line}"
+        "{ops} ops while cgvm ran {secs:.3} s (bound {bound:.0}): {line}"
     );
 }
