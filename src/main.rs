@@ -135,7 +135,8 @@ struct RunArgs {
     #[arg(long = "publish", value_name = "HOST:GUEST")]
     publish: Vec<vmm::passt::Publish>,
     /// How the guest finds its virtio devices: pci (virtio-pci with MSI-X, what distribution
-    /// kernels expect) or mmio (virtio-mmio, microVM kernels). Default: mmio.
+    /// kernels expect) or mmio (virtio-mmio, microVM kernels). Default: pci for a bzImage,
+    /// mmio for an ELF vmlinux.
     #[arg(long, value_name = "mmio|pci")]
     transport: Option<vmm::config::Transport>,
     /// Run device threads without their seccomp filters (debugging only).

@@ -64,7 +64,7 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with = "transport")]
     pub enable_pci: bool,
     /// The virtio transport, mmio or pci (a cgvm extension; machine-config's `transport`
-    /// overrides it). Default: mmio.
+    /// overrides it). Default: pci for a bzImage, mmio for an ELF vmlinux.
     #[arg(long, value_name = "mmio|pci")]
     pub transport: Option<vmm::config::Transport>,
     /// Largest API request body, in bytes.

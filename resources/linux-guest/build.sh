@@ -27,7 +27,10 @@ DISK_CHECK_LINE="cgvm ext4 disk ok"
 
 # The modules the guest loads, by module name (dashes written as underscores), roughly in load
 # order; their dependencies are added from modules.dep. Ones built into the kernel or missing from
-# it are recorded as such and skipped by /init.
+# it are recorded as such and skipped by /init. Both virtio transports are here: virtio_mmio
+# (cgvm --transport mmio) and virtio_pci with the two libraries it needs in 6.x kernels
+# (--transport pci, the default for a bzImage); older kernels without the libraries record them
+# as absent.
 WANTED_MODULES=(
 	virtio_ring virtio virtio_mmio
 	virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
@@ -426,6 +429,9 @@ report_kernel_config() {
 		echo "kernel has no CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES: virtio-mmio devices are found" \
 			"through ACPI (LNRO0005) only, virtio_mmio.device= on the command line is ignored"
 	fi
+	echo "kernel has CONFIG_VIRTIO_PCI=$(kconfig CONFIG_VIRTIO_PCI) (virtio-pci devices are driven" \
+		"once /init loads it when m), CONFIG_PCI_MMCONFIG=$(kconfig CONFIG_PCI_MMCONFIG) (ECAM" \
+		"found through the ACPI MCFG table), CONFIG_PCI_MSI=$(kconfig CONFIG_PCI_MSI)"
 }
 
 main() {

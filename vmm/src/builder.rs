@@ -276,8 +276,14 @@ pub fn build(
 
     // Virtio devices.
     devices::seccomp::set_enabled(config.seccomp);
-    // The transport: as asked, else virtio-mmio.
-    let transport = config.transport.unwrap_or(Transport::Mmio);
+    // The transport: as asked, or by kernel (a bzImage has a setup header).
+    let transport = config
+        .transport
+        .unwrap_or(if kernel.setup_header.is_some() {
+            Transport::Pci
+        } else {
+            Transport::Mmio
+        });
     log::info!("virtio transport: {transport}");
     let mut virtio = match transport {
         Transport::Mmio => VirtioPlacement::Mmio(MmioDeviceManager::new()),

@@ -388,7 +388,8 @@ pub struct VmConfig {
     /// Install the seccomp filters (off only for debugging).
     #[serde(default = "default_true")]
     pub seccomp: bool,
-    /// The virtio transport; `None`: MMIO.
+    /// The virtio transport; `None` picks by kernel: PCI for a bzImage (distribution
+    /// kernels), MMIO for an ELF vmlinux (microVM kernels).
     #[serde(default)]
     pub transport: Option<Transport>,
 }

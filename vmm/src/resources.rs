@@ -97,7 +97,7 @@ pub struct MachineConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<HugePages>,
     /// The virtio transport, `mmio` or `pci` (a cgvm extension; absent: the process's
-    /// default, `--transport`/`--enable-pci`, else MMIO).
+    /// default, `--transport`/`--enable-pci`, else chosen by kernel).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<crate::config::Transport>,
 }

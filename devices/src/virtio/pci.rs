@@ -125,8 +125,8 @@ fn class_code(device_type: u32) -> (u8, u8, u8) {
         TYPE_NET => (0x02, 0x00, 0x00),   // network controller, Ethernet
         TYPE_BLOCK => (0x01, 0x00, 0x00), // mass storage, SCSI
         TYPE_VSOCK => (0x07, 0x80, 0x00), // communication controller, other
-        TYPE_RNG => (0xff, 0x00, 0x00),   // unassigned class
-        _ => (0xff, 0x00, 0x00),
+        TYPE_RNG => (0x00, 0xff, 0x00),   // QEMU's PCI_CLASS_OTHERS: class 00, subclass ff
+        _ => (0x00, 0xff, 0x00),
     }
 }
 
