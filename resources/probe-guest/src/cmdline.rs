@@ -24,7 +24,9 @@
 //! - `probe.vsockbench=echo|sink|source`, `probe.vsockbench_port=N`, `probe.vsockbench_ms=N`:
 //!   the vsockbench check's mode, listening port and how long a source sends;
 //! - `probe.transport=mmio|pci|any`: where the virtio checks look for their devices (default
-//!   any: virtio-mmio and virtio-pci).
+//!   any: virtio-mmio and virtio-pci);
+//! - `probe.pci_irq=msix-masked|intx|msix|intx-ioapic`: how the virtio-pci transport takes a
+//!   function's interrupts (default msix-masked; see [`PciIrq`]).
 //!
 //! Other words are ignored, except unknown `probe.*` keys, which the caller reports.
 
@@ -40,6 +42,62 @@ pub enum TransportChoice {
     /// Both (the default).
     #[default]
     Any,
+}
+
+/// How the virtio-pci transport takes a function's interrupts (`probe.pci_irq`; the
+/// transport's module docs, `virtio::pci`, say what each one checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PciIrq {
+    /// MSI-X enabled with the function mask set; the pending bits are watched.
+    #[default]
+    MsixMasked,
+    /// MSI-X disabled, every vector NO_VECTOR, INTx enabled; the ISR is watched.
+    Intx,
+    /// MSI-X enabled and unmasked, interrupts on: the interrupts must arrive.
+    Msix,
+    /// [`PciIrq::Intx`] with the IOAPIC pin routed to a vector and interrupts on: the
+    /// interrupt must arrive.
+    IntxIoapic,
+}
+
+impl PciIrq {
+    /// The modes, as `probe.pci_irq` names them.
+    pub const ALL: [Self; 4] = [Self::MsixMasked, Self::Intx, Self::Msix, Self::IntxIoapic];
+
+    /// Its name in `probe.pci_irq`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MsixMasked => "msix-masked",
+            Self::Intx => "intx",
+            Self::Msix => "msix",
+            Self::IntxIoapic => "intx-ioapic",
+        }
+    }
+
+    /// The mode called `raw`.
+    pub fn parse(raw: &[u8]) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name().as_bytes() == raw)
+    }
+
+    /// Whether the function's INTx pin is used (MSI-X disabled).
+    pub fn intx(self) -> bool {
+        matches!(self, Self::Intx | Self::IntxIoapic)
+    }
+
+    /// Whether interrupts are taken (rather than only watched).
+    pub fn delivered(self) -> bool {
+        matches!(self, Self::Msix | Self::IntxIoapic)
+    }
+
+    /// The same pin without interrupts taken, for drivers that keep several functions open
+    /// at once (the waiting loop's disks): the ring-0 handler acknowledges one function only.
+    pub fn polled(self) -> Self {
+        match self {
+            Self::Msix => Self::MsixMasked,
+            Self::IntxIoapic => Self::Intx,
+            other => other,
+        }
+    }
 }
 
 /// A parsed value, or the raw value that did not parse.
@@ -101,13 +159,15 @@ pub struct Args<'a> {
     pub vsockbench_ms: Setting<'a, u64>,
     /// `probe.transport`: where the virtio checks look for devices.
     pub transport: Setting<'a, TransportChoice>,
+    /// `probe.pci_irq`: how the virtio-pci transport takes interrupts.
+    pub pci_irq: Setting<'a, PciIrq>,
 }
 
 /// The periods `probe.tick_ms` takes, ms.
 pub const TICK_MS: core::ops::RangeInclusive<u64> = 1..=60_000;
 
 /// Keys the probe knows.
-const KNOWN_KEYS: [&[u8]; 26] = [
+const KNOWN_KEYS: [&[u8]; 27] = [
     b"probe.tests",
     b"probe.exit",
     b"probe.mem",
@@ -134,6 +194,7 @@ const KNOWN_KEYS: [&[u8]; 26] = [
     b"probe.vsockbench_port",
     b"probe.vsockbench_ms",
     b"probe.transport",
+    b"probe.pci_irq",
 ];
 
 /// The command line's words.
@@ -235,6 +296,7 @@ impl<'a> Args<'a> {
                         _ => Err(raw),
                     })
                 }
+                b"probe.pci_irq" => args.pci_irq = Some(PciIrq::parse(raw).ok_or(raw)),
                 _ => {}
             }
         }
@@ -487,5 +549,44 @@ mod tests {
             Some(Err(&b""[..]))
         );
         assert_eq!(unknown_probe_keys(b"probe.transport=pci").count(), 0);
+    }
+
+    #[test]
+    fn pci_irq_key() {
+        assert_eq!(Args::parse(b"").pci_irq, None);
+        for (raw, mode) in [
+            (&b"msix-masked"[..], PciIrq::MsixMasked),
+            (b"intx", PciIrq::Intx),
+            (b"msix", PciIrq::Msix),
+            (b"intx-ioapic", PciIrq::IntxIoapic),
+        ] {
+            let mut word = b"probe.pci_irq=".to_vec();
+            word.extend_from_slice(raw);
+            assert_eq!(Args::parse(&word).pci_irq, Some(Ok(mode)));
+            assert_eq!(mode.name().as_bytes(), raw);
+        }
+        for bad in [&b"MSIX"[..], b"intx-", b"msi", b"", b"legacy"] {
+            let mut word = b"probe.pci_irq=".to_vec();
+            word.extend_from_slice(bad);
+            assert_eq!(Args::parse(&word).pci_irq, Some(Err(bad)), "{bad:?}");
+        }
+        assert_eq!(
+            Args::parse(b"probe.pci_irq=msix probe.pci_irq=intx").pci_irq,
+            Some(Ok(PciIrq::Intx))
+        );
+        assert_eq!(PciIrq::default(), PciIrq::MsixMasked);
+        assert_eq!(
+            unknown_probe_keys(b"probe.pci_irq=intx probe.irq=1").count(),
+            1
+        );
+        // What the modes mean for the transport.
+        assert!(PciIrq::Intx.intx() && PciIrq::IntxIoapic.intx());
+        assert!(!PciIrq::Msix.intx() && !PciIrq::MsixMasked.intx());
+        assert!(PciIrq::Msix.delivered() && PciIrq::IntxIoapic.delivered());
+        assert!(!PciIrq::Intx.delivered() && !PciIrq::MsixMasked.delivered());
+        assert_eq!(PciIrq::Msix.polled(), PciIrq::MsixMasked);
+        assert_eq!(PciIrq::IntxIoapic.polled(), PciIrq::Intx);
+        assert_eq!(PciIrq::Intx.polled(), PciIrq::Intx);
+        assert_eq!(PciIrq::MsixMasked.polled(), PciIrq::MsixMasked);
     }
 }

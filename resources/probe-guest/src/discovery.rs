@@ -40,7 +40,7 @@ use core::fmt;
 use crate::acpi::{self, AcpiError};
 use crate::aml;
 use crate::checks::{Context, Report};
-use crate::cmdline;
+use crate::cmdline::{self, PciIrq};
 use crate::pci::{self, Bdf, ConfigSpace, Ecam, VirtioFunction, VENDOR_VIRTIO};
 use crate::phys::{Mem, MemError};
 use crate::text::{Escaped, Size};
@@ -993,6 +993,9 @@ pub struct PciDevice {
     pub ecam: Ecam,
     /// What its configuration space says.
     pub function: VirtioFunction,
+    /// How a driver takes its interrupts (`probe.pci_irq`; set by whoever hands it to a
+    /// driver, [`PciIrq::MsixMasked`] as found).
+    pub irq: PciIrq,
 }
 
 /// Up to [`MAX_DEVICES`] virtio-pci functions, in bus order.
@@ -1135,7 +1138,13 @@ pub fn find_pci(ctx: &Context<'_>, report: &mut Report, required: bool) -> Optio
         let cfg = ConfigSpace::read(&ecam, bdf);
         match VirtioFunction::parse(bdf, &cfg) {
             None => {}
-            Some(Ok(function)) => overflow |= !list.push(PciDevice { ecam, function }),
+            Some(Ok(function)) => {
+                overflow |= !list.push(PciDevice {
+                    ecam,
+                    function,
+                    irq: PciIrq::default(),
+                })
+            }
             Some(Err(e)) => {
                 report.fail(format_args!("virtio-pci {bdf}: {e}"));
                 ok = false;

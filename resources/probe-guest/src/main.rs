@@ -3,8 +3,11 @@
 //! line per check on COM1 and ends the run with a verdict through the exit device.
 //!
 //! Where things live:
-//! - `start`: ring 0. The ELF entry, the GDT/TSS/IDT and page tables, the exception stubs, and
-//!   the `iretq` to ring 3 where everything else runs (see README.md for why);
+//! - `start`: ring 0. The ELF entry, the GDT/TSS/IDT and page tables, the exception stubs, the
+//!   interrupt stubs, and the `iretq` to ring 3 where everything else runs (see README.md for
+//!   why);
+//! - `irq`: what the interrupt stubs count, `sti`/`cli` from ring 3, and the local APIC and
+//!   IOAPIC, for the virtio-pci modes that take interrupts (`probe.pci_irq`);
 //! - `main` (this file): `probe_main`, the ring-3 entry: reads the zero page and the command
 //!   line, runs the requested checks, prints the summary, ends the run; the panic handler;
 //! - `wait`: the waiting loop of `probe.exit=hang` (Ctrl+Alt+Del, virtio-blk configuration
@@ -25,7 +28,8 @@
 //!   (header, BARs and their sizing, capabilities, virtio-pci structures, MSI-X, the MCFG;
 //!   pure, unit-tested);
 //! - `virtio`: the polling virtio driver core (initialization, split queues, DMA memory), the
-//!   virtio-mmio transport, and the virtio-pci one (`virtio::pci`, MSI-X masked and polled);
+//!   virtio-mmio transport, and the virtio-pci one (`virtio::pci`: queues polled, interrupts
+//!   watched through MSI-X masked, INTx, or taken, as `probe.pci_irq` says);
 //! - `mmio`: device registers in the MMIO hole (ECAM, BARs), bounds-checked volatile access;
 //! - `phys`: bounds-checked reads of guest memory;
 //! - `serial`, `cmos`, `boottimer`, `exit`, `keyboard`, `io`: the devices, by port or MMIO
@@ -50,6 +54,7 @@ mod cmos;
 mod discovery;
 mod exit;
 mod io;
+mod irq;
 mod keyboard;
 mod mmio;
 mod net;

@@ -47,6 +47,10 @@ pub const STATUS: u16 = 0x06;
 pub const BAR0: u16 = 0x10;
 /// Header: the capabilities pointer (u8).
 pub const CAP_PTR: u16 = 0x34;
+/// Header: the interrupt line (u8).
+pub const INTERRUPT_LINE: u16 = 0x3c;
+/// Header: the interrupt pin (u8).
+pub const INTERRUPT_PIN: u16 = 0x3d;
 
 /// Command: I/O space decode.
 pub const COMMAND_IO: u16 = 1 << 0;
@@ -1022,6 +1026,10 @@ pub struct VirtioFunction {
     pub layout: VirtioLayout,
     /// Its MSI-X capability.
     pub msix: Option<Msix>,
+    /// The interrupt line register (what the firmware routed INTx to; on cgvm the GSI).
+    pub interrupt_line: u8,
+    /// The interrupt pin register (0 none, 1..=4 INTA..INTD).
+    pub interrupt_pin: u8,
 }
 
 impl VirtioFunction {
@@ -1060,6 +1068,8 @@ impl VirtioFunction {
             bars: decode_bars(cfg),
             layout,
             msix,
+            interrupt_line: cfg.u8(usize::from(INTERRUPT_LINE)),
+            interrupt_pin: cfg.u8(usize::from(INTERRUPT_PIN)),
         })
     }
 

@@ -1,4 +1,4 @@
-//! Ring 0: the ELF entry point, the CPU tables, and the exception stubs.
+//! Ring 0: the ELF entry point, the CPU tables, the exception stubs and the interrupt stub.
 //!
 //! Everything that runs in ring 0 lives in this file, as hand-written assembly that uses only
 //! simple integer instructions. A PVM host runs guest ring 0 through KVM's instruction emulator,
@@ -24,8 +24,8 @@
 //! GDT: 0x08 kernel code64, 0x10 kernel data, 0x18 user data, 0x20 user code64, 0x28 TSS. The
 //! user selectors are used with RPL 3 (0x1b, 0x23); nothing here uses `syscall`/`sysret`.
 //!
-//! Exceptions 0..31 enter ring 0 through interrupt gates on IST1 (the TSS's ring-0 exception
-//! stack, also RSP0). The stub for vector N reports
+//! Every vector enters ring 0 through an interrupt gate on IST1 (the TSS's ring-0 exception
+//! stack, also RSP0). The stub for exception N (0..31) reports
 //! `probe: FAIL exception N (NAME) at RIP=0x... error=0x... CR2=0x...` on COM1 (error is 0 for
 //! vectors that push no error code), writes 1 to the exit device (port 0xf4) and halts.
 //!
@@ -35,6 +35,13 @@
 //! every port access from ring 3 faults. The #GP handler then does the access itself in ring 0,
 //! steps over the instruction and returns: port I/O works either way, at the cost of one trap
 //! per access (roughly 50-100 µs on PVM). It handles only the register forms `io.rs` emits.
+//! `sti` and `cli` from ring 3 fault the same way there; the handler sets or clears IF in the
+//! frame it returns to (`crate::irq::enable`/`disable`).
+//!
+//! Vectors 32..255 are external interrupts, which arrive only where ring 3 turned them on (the
+//! interrupt-taking modes of `probe.pci_irq`): one stub counts them per vector, reads a
+//! virtio-pci ISR for the vector ring 3 named, writes the local APIC's EOI and returns (see
+//! `crate::irq`). Integer instructions and one MMIO read and write: all run by the PVM emulator.
 
 use core::arch::global_asm;
 use core::cell::UnsafeCell;
@@ -206,7 +213,7 @@ probe_tss_end:
     .balign 16
 probe_idt:
     .set probe_vec, 0
-    .rept 32
+    .rept 256
     .word __probe_isr_0_15 + probe_vec * 16     // offset 15:0
     .word 0x08                                  // kernel code selector
     .byte 1                                     // IST1
@@ -239,9 +246,11 @@ probe_ring0_stack_top:
     pd = sym PROBE_PD,
 );
 
-// Exception stubs, 16 bytes apart from a 4 KiB-aligned base (the IDT above depends on both; a
-// stub that grew past 16 bytes makes `.org` fail the build). Each pushes a dummy error code if
-// the CPU pushes none, then its vector, and joins the common reporter.
+// Exception and interrupt stubs, 16 bytes apart from a 4 KiB-aligned base, 256 of them filling
+// the page (the IDT above depends on all that; a stub that grew past 16 bytes makes `.org` fail
+// the build). An exception's stub pushes a dummy error code if the CPU pushes none, then its
+// vector, and joins the common reporter; an interrupt's pushes its vector and joins the
+// interrupt stub.
 global_asm!(
     r##"
     .section .text.probe_isr, "ax"
@@ -290,12 +299,52 @@ probe_isr_table:
     probe_isr 29, 1
     probe_isr 30, 1
     probe_isr 31, 0
-    .org 32 * 16, 0xcc
+
+    // Vectors 32..255: external interrupts (see crate::irq), no error code.
+    .set probe_irq_vec, 32
+    .rept 224
+    .org probe_irq_vec * 16, 0xcc
+    push probe_irq_vec
+    jmp probe_irq_common
+    .set probe_irq_vec, probe_irq_vec + 1
+    .endr
+    .org 256 * 16, 0xcc
+
+    // An external interrupt: count it (crate::irq::COUNTS[vector]); for the vector named in
+    // crate::irq::ACK_VECTOR, read the byte at crate::irq::ACK_ADDR (a virtio-pci ISR: reading
+    // acknowledges a level-triggered INTx before the EOI, as a driver's handler does), OR it
+    // into crate::irq::ACK_BITS and count the reads that gave 0 (crate::irq::ACK_EMPTY); then
+    // EOI to the local APIC and return.
+    // Stack: [rsp] vector, [rsp+8] RIP, CS, RFLAGS, RSP, SS.
+probe_irq_common:
+    push rax
+    push rcx
+    mov rcx, [rsp + 16]                         // vector
+    lea rax, [rip + {irq_counts}]
+    inc dword ptr [rax + rcx * 4]
+    cmp ecx, dword ptr [rip + {irq_ack_vector}]
+    jne .Lprobe_irq_eoi
+    mov rax, [rip + {irq_ack_addr}]
+    test rax, rax
+    jz .Lprobe_irq_eoi
+    movzx eax, byte ptr [rax]
+    or dword ptr [rip + {irq_ack_bits}], eax
+    test eax, eax
+    jnz .Lprobe_irq_eoi
+    inc dword ptr [rip + {irq_ack_empty}]
+.Lprobe_irq_eoi:
+    mov eax, 0xfee000b0                         // local APIC EOI register
+    mov dword ptr [rax], 0
+    pop rcx
+    pop rax
+    add rsp, 8                                  // vector
+    iretq
 
     // #GP. An `in`/`out` in ring 3 faults where the hypervisor cannot grant IOPL 3 (PVM runs
     // guest ring 3 at hardware IOPL 0): do the access here in ring 0, skip the instruction and
     // return. Only the register forms are handled (EC/ED/EE/EF, and 66 ED/66 EF for 16 bits),
-    // which are the only ones io.rs emits. Any other #GP is reported like other exceptions.
+    // which are the only ones io.rs emits. `sti` (FB) and `cli` (FA) fault the same way: IF is
+    // set or cleared in the frame (crate::irq). Any other #GP is reported like other exceptions.
     // Stack: [rsp] 13, [rsp+8] error code, [rsp+16] RIP, CS, RFLAGS, RSP, SS.
 probe_gp_handler:
     cmp qword ptr [rsp + 8], 0
@@ -317,8 +366,20 @@ probe_gp_handler:
     je .Lprobe_gp_out16
     cmp cx, 0xed66
     je .Lprobe_gp_in16
+    cmp cl, 0xfb
+    je .Lprobe_gp_sti
+    cmp cl, 0xfa
+    je .Lprobe_gp_cli
     pop rcx
     jmp probe_isr_common
+.Lprobe_gp_sti:
+    or qword ptr [rsp + 40], 0x200              // RFLAGS.IF in the frame
+    mov ecx, 1
+    jmp .Lprobe_gp_done
+.Lprobe_gp_cli:
+    and qword ptr [rsp + 40], -0x201
+    mov ecx, 1
+    jmp .Lprobe_gp_done
 .Lprobe_gp_out8:
     out dx, al
     mov ecx, 1
@@ -493,5 +554,10 @@ probe_exception_names:
     .quad .Lprobe_exc_20, .Lprobe_exc_21, .Lprobe_exc_15, .Lprobe_exc_15
     .quad .Lprobe_exc_15, .Lprobe_exc_15, .Lprobe_exc_15, .Lprobe_exc_15
     .quad .Lprobe_exc_28, .Lprobe_exc_29, .Lprobe_exc_30, .Lprobe_exc_15
-"##
+"##,
+    irq_counts = sym crate::irq::COUNTS,
+    irq_ack_vector = sym crate::irq::ACK_VECTOR,
+    irq_ack_addr = sym crate::irq::ACK_ADDR,
+    irq_ack_bits = sym crate::irq::ACK_BITS,
+    irq_ack_empty = sym crate::irq::ACK_EMPTY,
 );

@@ -35,8 +35,8 @@ use crate::checks::blk::{
     id_text, StatusName, CONFIG_CAPACITY, F_RO, ID_LEN, SECTOR, S_OK, S_UNWRITTEN, T_GET_ID, T_IN,
 };
 use crate::checks::{self, Context, Report};
-use crate::cmdline::TransportChoice;
-use crate::discovery::{self, Found, FoundList, MAX_DEVICES};
+use crate::cmdline::{PciIrq, TransportChoice};
+use crate::discovery::{self, Found, FoundList, PciDevice, MAX_DEVICES};
 use crate::exit::Ending;
 use crate::keyboard::{self, CtrlAltDel};
 use crate::println;
@@ -168,11 +168,17 @@ fn watch_disks<'p>(
                 report.problems()
             ),
             Some(list) => {
+                // Several disks stay open at once, so interrupts are watched, never taken
+                // (the ring-0 handler acknowledges one function only).
+                let irq = match ctx.args.pci_irq {
+                    Some(Ok(mode)) => mode.polled(),
+                    _ => PciIrq::default(),
+                };
                 for p in list
                     .iter()
                     .filter(|p| u32::from(p.function.device_type) == DEVICE_ID_BLOCK)
                 {
-                    let _ = found.push(Found::Pci(*p));
+                    let _ = found.push(Found::Pci(PciDevice { irq, ..*p }));
                 }
             }
         }

@@ -308,7 +308,7 @@ fn check_disk(
         return fail_virtio(report, "setup", VirtioError::NoDma);
     };
     let result = drive(&t, &pool, sector, want_id);
-    let msix = checks::close(&t, pool, disk, report);
+    let irq = checks::close(&t, pool, disk, report);
     match result {
         Ok(s) => {
             let mut line = Line::<256>::new();
@@ -319,7 +319,7 @@ fn check_disk(
                 disk.name,
                 Via {
                     device: disk.device,
-                    msix
+                    irq
                 },
                 Size(s.capacity.saturating_mul(SECTOR)),
                 Escaped(id_text(&s.id))

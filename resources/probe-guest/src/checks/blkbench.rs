@@ -448,7 +448,7 @@ fn drive(
         disk.name,
         Via {
             device: disk.device,
-            msix: None
+            irq: None
         },
         Size(config.capacity.saturating_mul(SECTOR)),
         Escaped(id_text(&id)),

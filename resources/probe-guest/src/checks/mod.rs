@@ -9,11 +9,11 @@
 use core::fmt::{self, Write};
 
 use crate::bootparams::{BootParams, CmdlineError};
-use crate::cmdline::{Args, TransportChoice};
-use crate::discovery::{self, DeviceList, Found, FoundList, Listed, ListedPci};
+use crate::cmdline::{Args, PciIrq, TransportChoice};
+use crate::discovery::{self, DeviceList, Found, FoundList, Listed, ListedPci, PciDevice};
 use crate::phys::PhysMem;
 use crate::text::{Escaped, Line};
-use crate::virtio::pci::{MsixVerdict, PciTransport};
+use crate::virtio::pci::{IrqVerdict, PciTransport};
 use crate::virtio::{self, AnyTransport, DmaPool, Failure, Mmio, VirtioError};
 
 pub mod blk;
@@ -149,6 +149,22 @@ pub fn transport_choice(ctx: &Context<'_>, report: &mut Report) -> Option<Transp
     }
 }
 
+/// How the virtio-pci transport is to take interrupts (`probe.pci_irq`, default msix-masked); a
+/// bad value is a problem (`None`).
+pub fn pci_irq(ctx: &Context<'_>, report: &mut Report) -> Option<PciIrq> {
+    match ctx.args.pci_irq {
+        None => Some(PciIrq::default()),
+        Some(Ok(mode)) => Some(mode),
+        Some(Err(raw)) => {
+            report.fail(format_args!(
+                "probe.pci_irq={}: expected msix-masked, intx, msix or intx-ioapic",
+                Escaped(raw)
+            ));
+            None
+        }
+    }
+}
+
 /// The virtio devices with DeviceID `device_id`, for a check, on the transports
 /// `probe.transport` allows: the virtio-mmio ones in command-line order, then the virtio-pci
 /// ones in bus order.
@@ -157,7 +173,8 @@ pub fn transport_choice(ctx: &Context<'_>, report: &mut Report) -> Option<Transp
 /// DSDT must agree) and identified (MagicValue, Version 2, DeviceID; reads only); a window
 /// without a virtio-mmio device behind it is a problem, DeviceID 0 (a placeholder) is skipped.
 /// virtio-pci: bus 0 through the MCFG's ECAM region ([`discovery::find_pci`]; no MCFG, no PCI
-/// devices, unless `probe.transport=pci`); a malformed virtio function is a problem. With no
+/// devices, unless `probe.transport=pci`), each to be driven as `probe.pci_irq` says (checked
+/// first when PCI is allowed); a malformed virtio function is a problem. With no
 /// device of the kind, the problem is "no NAME device". `None` (problems reported) when the
 /// devices could not be found or there is none of the kind.
 pub fn find_devices(
@@ -170,6 +187,10 @@ pub fn find_devices(
     let mmio = match choice {
         TransportChoice::Pci => None,
         _ => Some(discovery::find(ctx, report)),
+    };
+    let irq = match choice {
+        TransportChoice::Mmio => PciIrq::default(),
+        _ => pci_irq(ctx, report)?,
     };
     let pci = match choice {
         TransportChoice::Mmio => None,
@@ -194,7 +215,9 @@ pub fn find_devices(
     }
     if let Some(list) = &pci {
         for p in list.as_ref()?.iter() {
-            if u32::from(p.function.device_type) == device_id && !found.push(Found::Pci(*p)) {
+            if u32::from(p.function.device_type) == device_id
+                && !found.push(Found::Pci(PciDevice { irq, ..*p }))
+            {
                 report.fail(format_args!(
                     "more than {} virtio devices",
                     discovery::MAX_DEVICES
@@ -248,7 +271,7 @@ pub fn fail_step(report: &mut Report, label: &dyn fmt::Display, step: &str, erro
 }
 
 /// Opens the device `d` for a driver: the virtio-mmio window, or the virtio-pci function
-/// (memory decode, bus mastering, MSI-X enabled and masked; see `virtio::pci`). A device that
+/// (memory decode, bus mastering, interrupts as its `irq` says; see `virtio::pci`). A device that
 /// cannot be opened is reported under `label` (step "window" or "pci setup").
 pub fn open(d: &Found, label: &dyn fmt::Display, report: &mut Report) -> Option<AnyTransport> {
     match d {
@@ -259,7 +282,7 @@ pub fn open(d: &Found, label: &dyn fmt::Display, report: &mut Report) -> Option<
                 None
             }
         },
-        Found::Pci(p) => match PciTransport::open(&p.ecam, &p.function) {
+        Found::Pci(p) => match PciTransport::open(&p.ecam, &p.function, p.irq) {
             Ok(t) => Some(AnyTransport::Pci(t)),
             Err(e) => {
                 report.fail(format_args!("{label}: pci setup: {e}"));
@@ -269,18 +292,18 @@ pub fn open(d: &Found, label: &dyn fmt::Display, report: &mut Report) -> Option<
     }
 }
 
-/// Ends a driver's use of `t`: on virtio-pci, the MSI-X verdict (a refused vector, or used
-/// buffers without a pending bit, is a problem), then the reset; after a failed reset the pool
-/// is never reused, since the device may still write to it. Returns the MSI-X verdict
-/// (virtio-pci only).
+/// Ends a driver's use of `t`: on virtio-pci, the interrupt verdict (a refused vector, used
+/// buffers without a pending bit, an ISR bit or an interrupt, is a problem), then the reset;
+/// after a failed reset the pool is never reused, since the device may still write to it.
+/// Returns the interrupt verdict (virtio-pci only).
 pub fn close(
     t: &AnyTransport,
     pool: DmaPool,
     label: &dyn fmt::Display,
     report: &mut Report,
-) -> Option<MsixVerdict> {
-    let verdict = t.as_pci().map(PciTransport::msix_verdict);
-    if let Some(v) = verdict.filter(MsixVerdict::failed) {
+) -> Option<IrqVerdict> {
+    let verdict = t.as_pci().map(PciTransport::irq_verdict);
+    if let Some(v) = verdict.filter(IrqVerdict::failed) {
         report.fail(format_args!("{label}: {v}"));
     }
     match virtio::reset(t) {
@@ -295,13 +318,13 @@ pub fn close(
 
 /// Runs `exercise` on the device `d` (either transport) with the DMA pool, then ends with
 /// [`close`]. A device that cannot be opened or no DMA pool is reported under `label`. `None`
-/// when `exercise` could not run; else its result and the MSI-X verdict (virtio-pci).
+/// when `exercise` could not run; else its result and the interrupt verdict (virtio-pci).
 pub fn with_transport<T>(
     d: &Found,
     label: &dyn fmt::Display,
     report: &mut Report,
     exercise: impl FnOnce(&AnyTransport, &DmaPool) -> T,
-) -> Option<(T, Option<MsixVerdict>)> {
+) -> Option<(T, Option<IrqVerdict>)> {
     with_transport_in(d, label, report, DmaPool::take, exercise)
 }
 
@@ -311,7 +334,7 @@ pub fn with_transport_large<T>(
     label: &dyn fmt::Display,
     report: &mut Report,
     exercise: impl FnOnce(&AnyTransport, &DmaPool) -> T,
-) -> Option<(T, Option<MsixVerdict>)> {
+) -> Option<(T, Option<IrqVerdict>)> {
     with_transport_in(d, label, report, DmaPool::take_large, exercise)
 }
 
@@ -321,24 +344,25 @@ fn with_transport_in<T>(
     report: &mut Report,
     take: fn() -> Option<DmaPool>,
     exercise: impl FnOnce(&AnyTransport, &DmaPool) -> T,
-) -> Option<(T, Option<MsixVerdict>)> {
+) -> Option<(T, Option<IrqVerdict>)> {
     let t = open(d, label, report)?;
     let Some(pool) = take() else {
         fail_step(report, label, "setup", VirtioError::NoDma);
         return None;
     };
     let result = exercise(&t, &pool);
-    let msix = close(&t, pool, label, report);
-    Some((result, msix))
+    let irq = close(&t, pool, label, report);
+    Some((result, irq))
 }
 
 /// Which transport a check used, for its `ok` line: "virtio-mmio at 0xc0001000 irq 5", or
-/// "virtio-pci 00:01.0 (MSI-X masked, vector 1 pending)".
+/// "virtio-pci 00:01.0 (MSI-X masked, vector 1 pending)", "virtio-pci 00:03.0 (INTx GSI 19, ISR
+/// 0x1)".
 pub struct Via<'a> {
     /// The device.
     pub device: &'a Found,
-    /// What the MSI-X pending bits showed (virtio-pci).
-    pub msix: Option<MsixVerdict>,
+    /// What the interrupt watch showed (virtio-pci).
+    pub irq: Option<IrqVerdict>,
 }
 
 impl fmt::Display for Via<'_> {
@@ -347,7 +371,7 @@ impl fmt::Display for Via<'_> {
             Found::Mmio(d) => write!(f, "virtio-mmio at 0x{:x} {}", d.base, d.irqs),
             Found::Pci(p) => {
                 write!(f, "virtio-pci {}", p.function.bdf)?;
-                match &self.msix {
+                match &self.irq {
                     Some(v) => write!(f, " ({v})"),
                     None => Ok(()),
                 }

@@ -108,7 +108,7 @@ pub fn run(ctx: &Context<'_>, report: &mut Report) {
         return;
     };
     let label = Label(d);
-    let Some((result, msix)) =
+    let Some((result, irq)) =
         checks::with_transport(d, &label, report, |t, pool| exchange(t, pool, mode))
     else {
         return;
@@ -116,7 +116,7 @@ pub fn run(ctx: &Context<'_>, report: &mut Report) {
     match result {
         Ok((mac, answer)) => report.detail(format_args!(
             "mac {mac}, {answer}, {}",
-            Via { device: d, msix }
+            Via { device: d, irq }
         )),
         Err(Problem::Virtio(step, e)) => checks::fail_step(report, &label, step, e),
         Err(p) => report.fail(format_args!("{label}: {p}")),

@@ -44,13 +44,13 @@ fn check_device(d: &Found, report: &mut Report) {
         kind: "virtio-rng",
         device: d,
     };
-    let Some((result, msix)) = checks::with_transport(d, &label, report, request) else {
+    let Some((result, irq)) = checks::with_transport(d, &label, report, request) else {
         return;
     };
     match result {
         Ok(len) => report.detail(format_args!(
             "{}, {len} bytes",
-            Via { device: d, msix }
+            Via { device: d, irq }
         )),
         Err(Problem::Virtio(step, error)) => checks::fail_step(report, &label, step, error),
         Err(Problem::Len(len)) => report.fail(format_args!(

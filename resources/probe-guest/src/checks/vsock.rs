@@ -96,7 +96,7 @@ pub fn run(ctx: &Context<'_>, report: &mut Report) {
         return;
     };
     let label = Label(d);
-    let Some((result, msix)) = checks::with_transport(d, &label, report, |t, pool| {
+    let Some((result, irq)) = checks::with_transport(d, &label, report, |t, pool| {
         exercise(
             t,
             pool,
@@ -115,7 +115,7 @@ pub fn run(ctx: &Context<'_>, report: &mut Report) {
                 o.cid,
                 o.echoed,
                 o.served,
-                Via { device: d, msix }
+                Via { device: d, irq }
             ));
         }
         Err(Problem::Virtio(step, e)) => checks::fail_step(report, &label, step, e),
