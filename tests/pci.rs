@@ -337,3 +337,62 @@ fn virtio_pci_interrupts_through_intx_and_msix() {
         "{out}"
     );
 }
+
+#[test]
+fn the_config_file_and_firecrackers_flag_choose_the_transport() {
+    let d = scratch("pci-config-file");
+    let write = |name: &str, transport: Option<&str>| -> PathBuf {
+        let mut machine = serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64});
+        if let Some(t) = transport {
+            machine["transport"] = t.into();
+        }
+        let cfg = serde_json::json!({
+            "boot-source": {
+                "kernel_image_path": probe_elf(),
+                "boot_args": "probe.tests=rng"
+            },
+            "machine-config": machine,
+            "entropy": {}
+        });
+        let p = d.join(name);
+        std::fs::write(&p, cfg.to_string()).expect("write the config file");
+        p
+    };
+    let pci = write("pci.json", Some("pci"));
+    let plain = write("plain.json", None);
+    let bad = write("bad.json", Some("isa"));
+    for (extra, file, expect) in [
+        (None, &pci, "virtio-pci 00:01.0"),
+        (Some("--enable-pci"), &plain, "virtio-pci 00:01.0"),
+        // An ELF kernel without a choice gets MMIO.
+        (None, &plain, "virtio-mmio at 0xc0001000"),
+    ] {
+        let mut c = cgvm();
+        c.args(["--no-api", "--config-file", file.to_str().expect("utf-8")]);
+        c.args(extra);
+        let r = run_with_limit(c, Duration::from_secs(60));
+        assert_eq!(
+            r.status,
+            Some(0),
+            "{extra:?} {}: {}",
+            file.display(),
+            r.both()
+        );
+        assert!(
+            r.stdout.contains("probe: rng ok") && r.stdout.contains(expect),
+            "{extra:?} {}: {}",
+            file.display(),
+            r.both()
+        );
+    }
+    let mut c = cgvm();
+    c.args(["--no-api", "--config-file", bad.to_str().expect("utf-8")]);
+    let r = run_with_limit(c, Duration::from_secs(60));
+    assert_eq!(r.status, Some(125), "{}", r.both());
+    assert!(
+        r.stderr
+            .contains("unknown variant `isa`, expected `mmio` or `pci`"),
+        "{}",
+        r.both()
+    );
+}
