@@ -2,16 +2,22 @@
 //! host itself gets from the same file with fio.
 //!
 //! ```text
-//! cargo bench --bench blk -- [--seconds N] [--qd N] [--engines sync,uring] [--file PATH]
-//!                            [--workloads a,b] [--vmm PATH] [--kernel PATH]
+//! cargo bench --bench blk -- [--seconds N] [--qd N] [--engines sync,uring]
+//!                            [--transports mmio,pci] [--file PATH] [--workloads a,b]
+//!                            [--vmm PATH] [--kernel PATH]
 //! ```
 //!
-//! For each engine, one run of `VMM run --kernel PROBE --disk FILE,persist,engine=E --cmdline
-//! "probe.tests=blkbench probe.bench_ms=... probe.bench_qd=..." --cpus 2 --memory 512 --console
+//! For each engine and virtio transport (`--transports`, default both), one run of `VMM run
+//! --kernel PROBE --transport T --disk FILE,persist,engine=E --cmdline "probe.tests=blkbench
+//! probe.bench_ms=... probe.bench_qd=... probe.transport=T" --cpus 2 --memory 512 --console
 //! tty --timeout T`: the probe guest's `blkbench` check drives the disk for N seconds per
 //! workload (4 KiB random reads, 4 KiB random writes, 1 MiB sequential reads), its requests
 //! kept in flight at the queue depth, and prints `probe: blkbench NAME ops=N bytes=B ns=T
-//! qd=Q` (T from the guest's TSC). `wait4` gives the VMM process's CPU time (user + system, all
+//! qd=Q` (T from the guest's TSC), then its ok line, which names the disk's transport: a run
+//! whose disk was not on the transport asked for fails, as does one where the probe's time for
+//! a workload is not the host's between its lines (its TSC rate, timed against the PIT, is
+//! wrong when its vCPU waited for a CPU then). The table has a row per workload,
+//! engine and transport, with each virtio-pci row's IOPS against virtio-mmio's. `wait4` gives the VMM process's CPU time (user + system, all
 //! its threads); CPU per operation is that over the run's operations, boot included. As each
 //! probe line arrives, the benchmark also reads the CPU time of the VMM's threads from
 //! `/proc/PID/task/*/stat`, so that each workload gets the CPU its device thread (and io_uring
@@ -32,26 +38,31 @@
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::{env, thread};
 
 mod common;
+#[allow(dead_code)] // the block benchmark runs the VMM with it, and uses nothing else of it
+#[path = "common/vmm.rs"]
+mod vmm;
 
 use common::{
-    at_least_one, check_vmm, clock_ticks_per_s, cpu_seconds, kernel_or_probe, names_some,
-    parse_checked, parse_number, parse_task_stat, pick, tail, wait_for, Request, Result, TempDir,
-    ThreadCpu,
+    at_least_one, check_transport, check_vmm, clock_agrees, kernel_or_probe, load_average,
+    names_some, parse_checked, parse_number, pick, relative, tail, vcpu_share, ClockBounds,
+    Request, Result, TempDir, ThreadCpu, Transport,
 };
+use vmm::{describe_status, Mark, Vmm};
 
 const USAGE: &str = "\
 usage: cargo bench --bench blk -- [OPTIONS]
-  --seconds N         seconds per workload (default 5, at least 1)
+  --seconds N         seconds per workload (default 3, at least 1)
   --qd N              requests in flight (default 32; 1 MiB reads use at most 8)
   --engines LIST      the VMM's disk engines to measure, comma-separated (default sync,uring)
+  --transports LIST   virtio transports to measure each engine on: mmio, pci, comma-separated
+                      (default mmio,pci)
   --workloads LIST    rand-read-4k, rand-write-4k, seq-read-1m, comma-separated (default all)
   --file PATH         the disk image, written to (default: a 1 GiB file of non-zero data in a
                       temporary directory under the target directory, removed at the end)
@@ -90,6 +101,13 @@ const MIN_RUN_TIMEOUT_S: u64 = 120;
 const TAIL_LINES: usize = 8;
 /// The probe's line prefix for this check.
 const PROBE_PREFIX: &str = "probe: blkbench ";
+/// How far the probe's time for a workload may be from the host's between its lines (a few
+/// milliseconds of setup before the first workload, and of the lines' way out).
+const CLOCK_BOUNDS: ClockBounds = ClockBounds {
+    over: 0.02,
+    under: 0.05,
+    slack_s: 0.05,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Workload {
@@ -106,6 +124,7 @@ struct Options {
     seconds: u64,
     qd: u32,
     engines: Vec<String>,
+    transports: Vec<Transport>,
     workloads: Vec<&'static Workload>,
     file: Option<PathBuf>,
     vmm: PathBuf,
@@ -115,9 +134,10 @@ struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            seconds: 5,
+            seconds: 3,
             qd: 32,
             engines: vec!["sync".to_string(), "uring".to_string()],
+            transports: Transport::ALL.to_vec(),
             workloads: WORKLOADS.iter().collect(),
             file: None,
             vmm: PathBuf::from(env!("CARGO_BIN_EXE_cgvm")),
@@ -132,6 +152,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Option
             "--seconds" => opts.seconds = parse_number(flag, &value()?)?,
             "--qd" => opts.qd = parse_number(flag, &value()?)?,
             "--engines" => opts.engines = parse_list(&value()?),
+            "--transports" => opts.transports = Transport::parse_list(&value()?, USAGE)?,
             "--workloads" => {
                 opts.workloads = pick(&value()?, &WORKLOADS, |w| w.name, "workload", USAGE)?;
             }
@@ -148,6 +169,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Option
             return Err("--qd must be 1..=256".to_string());
         }
         names_some("--engines", &opts.engines, "engine")?;
+        names_some("--transports", &opts.transports, "transport")?;
         if let Some(e) = opts
             .engines
             .iter()
@@ -290,6 +312,7 @@ fn parse_probe_line(line: &str) -> Option<ProbeLine> {
 #[derive(Debug)]
 struct VmmRun {
     engine: String,
+    transport: Transport,
     status: ExitStatus,
     /// User + system CPU time of the VMM process (all threads), seconds.
     cpu_s: f64,
@@ -297,9 +320,11 @@ struct VmmRun {
     wall_s: f64,
     /// The probe's lines for this check, in order.
     lines: Vec<ProbeLine>,
-    /// Per workload: the CPU time of the VMM's threads while it ran (from the probe line
-    /// before its own to its own).
-    workload_cpu: Vec<(String, ThreadCpu)>,
+    /// Per measured workload: the CPU time of the VMM's threads and the host's time while it
+    /// ran.
+    windows: Vec<Window>,
+    /// Why the run counts as failed, if it does ([`VmmRun::find_failure`]).
+    failure: Option<String>,
     stdout: String,
     stderr: String,
 }
@@ -309,11 +334,12 @@ impl VmmRun {
     /// `workload`, µs.
     fn device_us_per_op(&self, workload: &str) -> Option<f64> {
         let ops = self.measured(workload)?.ops;
-        let cpu = self
-            .workload_cpu
-            .iter()
-            .find_map(|(name, cpu)| (name == workload).then_some(cpu))?;
+        let cpu = self.window(workload)?.cpu?;
         (ops > 0).then(|| cpu.device_s * 1e6 / ops as f64)
+    }
+
+    fn window(&self, workload: &str) -> Option<&Window> {
+        self.windows.iter().find(|w| w.workload == workload)
     }
 
     fn measured(&self, workload: &str) -> Option<&Measured> {
@@ -340,17 +366,6 @@ impl VmmRun {
             .sum()
     }
 
-    /// The nanoseconds the probe measured, all workloads.
-    fn total_probe_s(&self) -> f64 {
-        self.lines
-            .iter()
-            .map(|l| match l {
-                ProbeLine::Measured(_, m) => m.ns as f64 / 1e9,
-                _ => 0.0,
-            })
-            .sum()
-    }
-
     /// The VMM's CPU time per operation, µs (boot included).
     fn cpu_us_per_op(&self) -> Option<f64> {
         let ops = self.total_ops();
@@ -358,7 +373,7 @@ impl VmmRun {
     }
 
     /// Why the run counts as failed, if it does.
-    fn failure(&self, workloads: &[&Workload]) -> Option<String> {
+    fn find_failure(&self, workloads: &[&Workload]) -> Option<String> {
         if !self.status.success() {
             return Some(describe_status(self.status));
         }
@@ -368,41 +383,58 @@ impl VmmRun {
         }) {
             return Some(format!("the probe's check failed: {why}"));
         }
+        if let Err(e) = check_transport(&self.stdout, "blkbench", self.transport) {
+            return Some(e);
+        }
         if let Some(w) = workloads
             .iter()
             .find(|w| self.measured(w.name).is_none() && self.skipped(w.name).is_none())
         {
             return Some(format!("no figures for {} in the probe's output", w.name));
         }
+        for w in workloads {
+            let (Some(m), Some(window)) = (self.measured(w.name), self.window(w.name)) else {
+                continue;
+            };
+            if let Err(e) = clock_agrees(m.ns as f64 / 1e9, window.host_s, CLOCK_BOUNDS) {
+                return Some(format!("{}: {e}", w.name));
+            }
+        }
         None
     }
 }
 
-/// The guest command line for the probe.
-fn probe_cmdline(opts: &Options) -> String {
+/// The guest command line for the probe on `transport` (`None`: without `probe.transport`).
+fn probe_cmdline(opts: &Options, transport: Option<Transport>) -> String {
     let names: Vec<&str> = opts.workloads.iter().map(|w| w.name).collect();
-    format!(
+    let mut cmdline = format!(
         "probe.tests=blkbench probe.bench_ms={} probe.bench_qd={} probe.bench_workloads={}",
         opts.seconds * 1000,
         opts.qd,
         names.join(",")
-    )
+    );
+    if let Some(t) = transport {
+        cmdline = format!("{cmdline} {}", t.probe_word());
+    }
+    cmdline
 }
 
-/// The arguments of `cgvm run` for one engine.
-fn cgvm_args(opts: &Options, kernel: &Path, file: &Path, engine: &str) -> Vec<OsString> {
+/// The arguments of `cgvm run` for one engine on one transport.
+fn cgvm_args(
+    opts: &Options,
+    kernel: &Path,
+    file: &Path,
+    engine: &str,
+    transport: Transport,
+) -> Vec<OsString> {
     let mut disk = OsString::from(file);
     disk.push(format!(",persist,engine={engine}"));
     let timeout = (opts.seconds * opts.workloads.len() as u64 + 60).max(MIN_RUN_TIMEOUT_S);
-    let mut args: Vec<OsString> = vec![
-        "run".into(),
-        "--kernel".into(),
-        kernel.into(),
-        "--disk".into(),
-        disk,
-    ];
+    let mut args: Vec<OsString> = vec!["run".into(), "--kernel".into(), kernel.into()];
+    args.extend(transport.vmm_args());
+    args.extend(["--disk".into(), disk]);
     for (flag, value) in [
-        ("--cmdline", probe_cmdline(opts)),
+        ("--cmdline", probe_cmdline(opts, Some(transport))),
         ("--cpus", "2".to_string()),
         ("--memory", "512".to_string()),
         ("--console", "tty".to_string()),
@@ -414,130 +446,77 @@ fn cgvm_args(opts: &Options, kernel: &Path, file: &Path, engine: &str) -> Vec<Os
     args
 }
 
-/// The CPU time of `pid`'s threads now, from `/proc/PID/task/*/stat` (`None` once it is gone).
-fn thread_cpu(pid: u32) -> Option<ThreadCpu> {
-    let ticks_per_s = clock_ticks_per_s();
-    let mut cpu = ThreadCpu::default();
-    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    for task in tasks.flatten() {
-        let Ok(stat) = fs::read_to_string(task.path().join("stat")) else {
-            continue; // the thread ended meanwhile
-        };
-        let Some((comm, ticks)) = parse_task_stat(&stat) else {
-            continue;
-        };
-        let seconds = ticks as f64 / ticks_per_s;
-        if comm.starts_with("cgvm-vcpu") {
-            cpu.vcpu_s += seconds;
-        } else if comm.starts_with("cgvm-virtio") || comm.starts_with("iou-") {
-            cpu.device_s += seconds;
-        } else {
-            cpu.other_s += seconds;
-        }
-    }
-    Some(cpu)
+/// What the probe timed of a workload, and what the host saw meanwhile: from the arrival of
+/// the probe's line before the workload's (`probe: started` for the first) to the arrival of
+/// the workload's own.
+#[derive(Debug, Clone)]
+struct Window {
+    workload: String,
+    /// The CPU time of the VMM's threads (`None`: not read).
+    cpu: Option<ThreadCpu>,
+    /// Seconds.
+    host_s: f64,
 }
 
-/// The VMM's console output, and the CPU time of its threads when each probe line of interest
-/// (`probe: started`, then this check's) arrived.
-type Console = (String, Vec<(String, Option<ThreadCpu>)>);
-
-/// Reads the VMM's console (stdout) on a thread, line by line, taking [`thread_cpu`] of `pid`
-/// at the probe's lines.
-fn read_console<R: Read + Send + 'static>(
-    pipe: R,
-    pid: u32,
-) -> thread::JoinHandle<io::Result<Console>> {
-    thread::spawn(move || {
-        let mut reader = BufReader::new(pipe);
-        let mut text = String::new();
-        let mut marks = Vec::new();
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            if reader.read_until(b'\n', &mut line)? == 0 {
-                return Ok((text, marks));
-            }
-            let decoded = String::from_utf8_lossy(&line);
-            let trimmed = decoded.trim_end();
-            if trimmed.starts_with("probe: started") || trimmed.starts_with(PROBE_PREFIX) {
-                marks.push((trimmed.to_string(), thread_cpu(pid)));
-            }
-            text.push_str(&decoded);
-        }
-    })
+/// The [`Window`] of each measured workload, from the console's probe lines.
+fn windows(marks: &[Mark]) -> Vec<Window> {
+    let marks: Vec<&Mark> = marks
+        .iter()
+        .filter(|m| m.line.starts_with("probe: started") || m.line.starts_with(PROBE_PREFIX))
+        .collect();
+    marks
+        .windows(2)
+        .filter_map(|pair| {
+            let (before, after) = (pair[0], pair[1]);
+            let ProbeLine::Measured(workload, _) = parse_probe_line(&after.line)? else {
+                return None;
+            };
+            let cpu = match (before.cpu, after.cpu) {
+                (Some(a), Some(b)) => Some(b.since(&a)),
+                _ => None,
+            };
+            let host_s = after.at.duration_since(before.at).as_secs_f64();
+            Some(Window {
+                workload,
+                cpu,
+                host_s,
+            })
+        })
+        .collect()
 }
 
-/// Per measured workload, the thread CPU time from the mark before its line to its line.
-fn workload_cpu(marks: &[(String, Option<ThreadCpu>)]) -> Vec<(String, ThreadCpu)> {
-    let mut out = Vec::new();
-    for pair in marks.windows(2) {
-        let (Some(before), (line, Some(after))) = (pair[0].1, (&pair[1].0, pair[1].1)) else {
-            continue;
-        };
-        if let Some(ProbeLine::Measured(name, _)) = parse_probe_line(line) {
-            out.push((name, after.since(&before)));
-        }
-    }
-    out
-}
-
-/// Drains a pipe on a thread, so that a chatty child never blocks on it while we wait.
-fn drain<R: Read + Send + 'static>(mut pipe: R) -> thread::JoinHandle<io::Result<String>> {
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        pipe.read_to_end(&mut bytes)?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    })
-}
-
-fn joined<T>(reader: thread::JoinHandle<io::Result<T>>, what: &str) -> Result<T> {
-    reader
-        .join()
-        .map_err(|_| format!("the {what} reader panicked"))?
-        .map_err(|e| format!("reading the {what}: {e}"))
-}
-
-/// Runs the VMM once with `engine` and measures it.
-fn run_vmm(opts: &Options, kernel: &Path, file: &Path, engine: &str) -> Result<VmmRun> {
-    eprintln!("blk bench: engine {engine}: booting the probe guest");
-    let mut command = Command::new(&opts.vmm);
-    command
-        .args(cgvm_args(opts, kernel, file, engine))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let started = std::time::Instant::now();
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", opts.vmm.display()))?;
-    let stdout = read_console(
-        child.stdout.take().ok_or("the VMM has no stdout pipe")?,
-        child.id(),
+/// Runs the VMM once with `engine` on `transport` and measures it.
+fn run_vmm(
+    opts: &Options,
+    kernel: &Path,
+    file: &Path,
+    engine: &str,
+    transport: Transport,
+) -> Result<VmmRun> {
+    eprintln!(
+        "blk bench: engine {engine} on {}: booting the probe guest",
+        transport.name()
     );
-    let stderr = drain(child.stderr.take().ok_or("the VMM has no stderr pipe")?);
-    let (status, usage) = wait_for(child.id())?;
-    let wall_s = started.elapsed().as_secs_f64();
-    let (stdout, marks) = joined(stdout, "VMM's stdout")?;
-    let stderr = joined(stderr, "VMM's stderr")?;
-    Ok(VmmRun {
+    let vmm = Vmm::spawn(&opts.vmm, &cgvm_args(opts, kernel, file, engine, transport))?;
+    let (finished, marks) = vmm.finish_with_marks()?;
+    let mut run = VmmRun {
         engine: engine.to_string(),
-        status,
-        cpu_s: cpu_seconds(&usage),
-        wall_s,
-        lines: stdout.lines().filter_map(parse_probe_line).collect(),
-        workload_cpu: workload_cpu(&marks),
-        stdout,
-        stderr,
-    })
-}
-
-fn describe_status(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit status {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        (None, None) => format!("{status}"),
-    }
+        transport,
+        status: finished.status,
+        cpu_s: finished.cpu_s,
+        wall_s: finished.wall_s,
+        lines: finished
+            .stdout
+            .lines()
+            .filter_map(parse_probe_line)
+            .collect(),
+        windows: windows(&marks),
+        failure: None,
+        stdout: finished.stdout,
+        stderr: finished.stderr,
+    };
+    run.failure = run.find_failure(&opts.workloads);
+    Ok(run)
 }
 
 // --- fio ----------------------------------------------------------------------------------------
@@ -759,6 +738,8 @@ struct Report<'a> {
     file: &'a Path,
     file_bytes: u64,
     runs: &'a [VmmRun],
+    /// The host's load averages before the runs.
+    load: String,
     /// Per workload: fio's figures, or why there are none.
     fio: &'a [(&'a Workload, std::result::Result<FioResult, String>)],
 }
@@ -775,17 +756,33 @@ fn report(r: &Report<'_>) -> String {
     );
     let _ = writeln!(
         out,
-        "disk {} ({} MiB), {} s per workload, queue depth {} (1 MiB reads: at most {SEQ_MAX_QD})",
+        "disk {} ({} MiB), {} s per workload, queue depth {} (1 MiB reads: at most {SEQ_MAX_QD}), \
+         load average before: {}",
         r.file.display(),
         r.file_bytes >> 20,
         opts.seconds,
-        opts.qd
+        opts.qd,
+        r.load
     );
-    let _ = writeln!(out, "guest command line: {:?}", probe_cmdline(opts));
     let _ = writeln!(
         out,
-        "{:14} {:6} {:>4} {:>11} {:>10} {:>9} {:>16} {:>13}",
-        "workload", "engine", "qd", "IOPS", "MiB/s", "% of fio", "CPU us/op", "dev us/op"
+        "guest command line: {:?} and probe.transport=T",
+        probe_cmdline(opts, None)
+    );
+    let _ = writeln!(
+        out,
+        "{:14} {:6} {:9} {:>4} {:>11} {:>8} {:>10} {:>9} {:>16} {:>10} {:>6}",
+        "workload",
+        "engine",
+        "transport",
+        "qd",
+        "IOPS",
+        "vs mmio",
+        "MiB/s",
+        "% of fio",
+        "CPU us/op",
+        "dev us/op",
+        "vCPU"
     );
     for w in &opts.workloads {
         let fio = r
@@ -795,9 +792,18 @@ fn report(r: &Report<'_>) -> String {
             .map(|(_, f)| f);
         let fio_ok = fio.and_then(|f| f.as_ref().ok());
         for run in r.runs {
+            let t = run.transport.name();
             let cpu = run
                 .cpu_us_per_op()
                 .map_or("-".to_string(), |c| format!("{c:.2} (VMM)"));
+            if run.failure.is_some() {
+                let _ = writeln!(
+                    out,
+                    "{:14} {:6} {t:9} the run failed (below)",
+                    w.name, run.engine
+                );
+                continue;
+            }
             match (run.measured(w.name), run.skipped(w.name)) {
                 (Some(m), _) => {
                     let pct = fio_ok
@@ -808,13 +814,18 @@ fn report(r: &Report<'_>) -> String {
                     let device = run
                         .device_us_per_op(w.name)
                         .map_or("-".to_string(), |c| format!("{c:.2}"));
+                    let vcpu = run
+                        .window(w.name)
+                        .map_or("-".to_string(), |win| vcpu_share(win.cpu, win.host_s));
                     let _ = writeln!(
                         out,
-                        "{:14} {:6} {:>4} {:>11.0} {:>10.1} {:>9} {:>16} {:>13}",
+                        "{:14} {:6} {t:9} {:>4} {:>11.0} {:>8} {:>10.1} {:>9} {:>16} {:>10} \
+                         {vcpu:>6}",
                         w.name,
                         run.engine,
                         m.qd,
                         m.iops(),
+                        vs_mmio(r.runs, run, w),
                         m.mib_s(),
                         pct,
                         cpu,
@@ -822,10 +833,10 @@ fn report(r: &Report<'_>) -> String {
                     );
                 }
                 (None, Some(why)) => {
-                    let _ = writeln!(out, "{:14} {:6} skipped {why}", w.name, run.engine);
+                    let _ = writeln!(out, "{:14} {:6} {t:9} skipped {why}", w.name, run.engine);
                 }
                 (None, None) => {
-                    let _ = writeln!(out, "{:14} {:6} no figures", w.name, run.engine);
+                    let _ = writeln!(out, "{:14} {:6} {t:9} no figures", w.name, run.engine);
                 }
             }
         }
@@ -836,11 +847,13 @@ fn report(r: &Report<'_>) -> String {
                     .map_or("-".to_string(), |c| format!("{c:.2} (fio)"));
                 let _ = writeln!(
                     out,
-                    "{:14} {:6} {:>4} {:>11.0} {:>10.1} {:>9} {:>16}",
+                    "{:14} {:6} {:9} {:>4} {:>11.0} {:>8} {:>10.1} {:>9} {:>16}",
                     w.name,
                     "fio",
+                    "host",
                     f.qd,
                     f.iops,
+                    "",
                     f.bytes_per_s / (1u64 << 20) as f64,
                     "100 %",
                     cpu
@@ -854,14 +867,18 @@ fn report(r: &Report<'_>) -> String {
     }
     let _ = writeln!(
         out,
-        "CPU us/op: the VMM process's user + system CPU time (all threads, from wait4) over \
+        "vs mmio: IOPS against the same workload and engine on virtio-mmio. CPU us/op: the \
+         VMM process's user + system CPU time (all threads, from wait4) over \
          all operations of its run, boot and every workload included; the vCPU thread, busy \
          all the time because the probe polls, counts too. For fio: its own CPU time."
     );
     let _ = writeln!(
         out,
         "dev us/op: the CPU time of the VMM's device thread and io_uring workers during that \
-         workload (from /proc/PID/task, read as the probe's lines arrive) per operation."
+         workload (from /proc/PID/task, read every 20 ms and as the probe's lines arrive) per \
+         operation. vCPU: the vCPU threads' CPU time during that workload over its wall-clock \
+         time; the probe polls, so much under 100 % means its vCPU waited for a CPU (a busy \
+         host) and the figures are the lower for it."
     );
     let _ = writeln!(
         out,
@@ -869,30 +886,38 @@ fn report(r: &Report<'_>) -> String {
          --direct=0 --invalidate=0) on a file that is in the host page cache."
     );
     for run in r.runs {
-        let probe_s = run.total_probe_s();
         let _ = writeln!(
             out,
-            "engine {}: {}, {:.2} s CPU in {:.2} s wall-clock, {} operations",
+            "engine {} on {}: {}, {:.2} s CPU in {:.2} s wall-clock, {} operations",
             run.engine,
+            run.transport.name(),
             describe_status(run.status),
             run.cpu_s,
             run.wall_s,
             run.total_ops()
         );
-        for (name, cpu) in &run.workload_cpu {
-            let _ = writeln!(
-                out,
-                "    {name}: CPU {:.2} s vCPU threads, {:.2} s device thread + io_uring workers, \
-                 {:.2} s other",
-                cpu.vcpu_s, cpu.device_s, cpu.other_s
-            );
-        }
-        if probe_s > run.wall_s {
-            let _ = writeln!(
-                out,
-                "    the probe measured {probe_s:.2} s, more than the run took: its TSC rate \
-                 (see its ok line) is off"
-            );
+        for window in &run.windows {
+            let mut line = format!("    {}: ", window.workload);
+            if let Some(m) = run.measured(&window.workload) {
+                let _ = write!(
+                    line,
+                    "{:.3} s by the probe's clock, {:.3} s by the host's; ",
+                    m.ns as f64 / 1e9,
+                    window.host_s
+                );
+            }
+            match window.cpu {
+                Some(cpu) => {
+                    let _ = write!(
+                        line,
+                        "CPU {:.2} s vCPU threads, {:.2} s device thread + io_uring workers, \
+                         {:.2} s other",
+                        cpu.vcpu_s, cpu.device_s, cpu.other_s
+                    );
+                }
+                None => line.push_str("CPU not read"),
+            }
+            let _ = writeln!(out, "{line}");
         }
         if let Some(ok) = run.lines.iter().find_map(|l| match l {
             ProbeLine::Ok(d) => Some(d),
@@ -900,7 +925,7 @@ fn report(r: &Report<'_>) -> String {
         }) {
             let _ = writeln!(out, "    probe: {ok}");
         }
-        if let Some(why) = run.failure(&opts.workloads) {
+        if let Some(why) = &run.failure {
             let _ = writeln!(out, "    FAILED: {why}");
             for line in tail(&run.stdout, TAIL_LINES) {
                 let _ = writeln!(out, "    stdout: {line}");
@@ -911,6 +936,22 @@ fn report(r: &Report<'_>) -> String {
         }
     }
     out
+}
+
+/// A run's IOPS for `w` against the same engine's on virtio-mmio ("-" for that one itself).
+fn vs_mmio(runs: &[VmmRun], run: &VmmRun, w: &Workload) -> String {
+    if run.transport == Transport::Mmio {
+        return "-".to_string();
+    }
+    let iops = |r: &VmmRun| {
+        r.measured(w.name)
+            .filter(|_| r.failure.is_none())
+            .map(Measured::iops)
+    };
+    let mmio = runs
+        .iter()
+        .find(|r| r.engine == run.engine && r.transport == Transport::Mmio);
+    relative(iops(run), mmio.and_then(iops))
 }
 
 // --- main ---------------------------------------------------------------------------------------
@@ -928,12 +969,15 @@ fn bench(opts: &Options) -> Result<bool> {
         }
     };
     let file_bytes = warm_page_cache(&file)?;
+    let load = load_average();
 
     let mut runs = Vec::new();
     for engine in &opts.engines {
-        let run = run_vmm(opts, &kernel, &file, engine)?;
-        sync_file(&file)?;
-        runs.push(run);
+        for &transport in &opts.transports {
+            let run = run_vmm(opts, &kernel, &file, engine, transport)?;
+            sync_file(&file)?;
+            runs.push(run);
+        }
     }
 
     let mut fio = Vec::new();
@@ -954,6 +998,7 @@ fn bench(opts: &Options) -> Result<bool> {
             file: &file,
             file_bytes,
             runs: &runs,
+            load,
             fio: &fio,
         })
     );
@@ -962,7 +1007,7 @@ fn bench(opts: &Options) -> Result<bool> {
             "fio is not installed: no host ceiling (apt-get install fio), the VMM's figures only"
         );
     }
-    let runs_ok = runs.iter().all(|r| r.failure(&opts.workloads).is_none());
+    let runs_ok = runs.iter().all(|r| r.failure.is_none());
     let fio_ok = fio.iter().all(|(_, r)| r.is_ok());
     Ok(runs_ok && fio_ok)
 }

@@ -2,20 +2,25 @@
 //! guest and a host TAP interface, each way, and how much of the VMM's CPU time that costs.
 //!
 //! ```text
-//! cargo bench --bench net -- [--seconds N] [--scenarios a,b] [--sample N] [--vmm PATH]
-//!                            [--kernel PATH]
+//! cargo bench --bench net -- [--seconds N] [--scenarios a,b] [--transports mmio,pci]
+//!                            [--sample N] [--vmm PATH] [--kernel PATH]
 //! ```
 //!
 //! It needs root (network namespaces, a TAP interface, packet sockets). A network namespace
 //! `cgvm-bench-PID` is made with a TAP interface `cgvmtap0` in it (IPv6 off, no address, link
 //! up); every run of the VMM and every host-side socket is in that namespace, and the
 //! namespace (with the tap) is deleted at the end, whatever happened. One VMM run per
-//! scenario: `ip netns exec NS VMM run --kernel PROBE --net tap:cgvmtap0,mac=02:00:00:00:00:01
-//! --cpus 1 --memory 128 --console tty --timeout T --cmdline "probe.tests=netbench
-//! probe.netbench=tx|rx probe.netbench_frame=F probe.netbench_tso=0|1 probe.netbench_ms=..."`.
-//! The probe guest's `netbench` check polls its queues (no interrupts) and prints `probe:
-//! netbench ready ...` before its timed part and one line of figures after it (see
-//! resources/probe-guest/README.md). Scenarios:
+//! scenario and virtio transport (`--transports`, default both, each scenario on one after
+//! the other): `ip netns exec NS VMM run --kernel PROBE --transport mmio|pci --net
+//! tap:cgvmtap0,mac=02:00:00:00:00:01 --cpus 1 --memory 128 --console tty --timeout T
+//! --cmdline "probe.tests=netbench probe.netbench=tx|rx probe.netbench_frame=F
+//! probe.netbench_tso=0|1 probe.netbench_ms=... probe.transport=mmio|pci"`. The probe guest's
+//! `netbench` check polls its queues (no interrupts) and prints `probe: netbench ready ...`
+//! before its timed part, one line of figures after it and its ok line, which names the
+//! device's transport (see resources/probe-guest/README.md): a run whose device was not on
+//! the transport asked for fails, as does one whose guest clock (its TSC, at a rate it may have
+//! timed wrong against the PIT on a busy host) disagrees with the host's between the guest's
+//! ready and figures lines. Scenarios:
 //!
 //! - `tx-1514`, `tx-64`: the guest keeps its transmit queue full of 1514-byte (or 64-byte)
 //!   IPv4/TCP frames for N seconds; they reach the tap's host side and are dropped there (their
@@ -33,7 +38,7 @@
 //!   offloads and the kernel hands it each frame whole; the guest counts how many arrived with
 //!   a GSO header and the largest frame, which show whether they did.
 //!
-//! Figures: frames/s and Gbit/s (Ethernet frame bytes, no virtio-net header) by the guest's
+//! Figures, one row per scenario and transport: frames/s and Gbit/s (Ethernet frame bytes, no virtio-net header) by the guest's
 //! count and its TSC; the tap's own counters (`/proc/net/dev` in the namespace) for what the
 //! host's kernel got from the VMM or handed to it, and dropped; and the VMM's CPU time between
 //! the guest's two lines, from `/proc/PID/task/*/stat`: the virtio-net device thread's per
@@ -66,8 +71,8 @@ mod common;
 mod vmm;
 
 use common::{
-    at_least_one, check_vmm, kernel_or_probe, names_some, parse_checked, parse_number, pick,
-    Request, Result, TempDir,
+    check_transport, check_vmm, kernel_or_probe, names_some, parse_checked, parse_number, pick,
+    relative, Request, Result, TempDir, Transport,
 };
 use vmm::{field, HostState, RunLog, RunOptions, Vmm};
 
@@ -76,6 +81,8 @@ usage: cargo bench --bench net -- [OPTIONS]   (as root)
   --seconds N         seconds each scenario sends (default 3, at least 1)
   --scenarios LIST    tx-1514, tx-tso, tx-64, rx-1514, rx-tso, rx-64, comma-separated
                       (default all)
+  --transports LIST   virtio transports to run each scenario on: mmio, pci, comma-separated
+                      (default mmio,pci)
   --sample N          tx scenarios: frames captured at the tap to show what arrives
                       (default 2000; 0: none)
   --vmm PATH          the VMM binary (default: the cgvm that cargo built for this benchmark)
@@ -185,12 +192,12 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Option
             "--scenarios" => {
                 opts.scenarios = pick(&value()?, &SCENARIOS, |s| s.name, "scenario", USAGE)?;
             }
-            _ => return opts.run.set(flag, value),
+            _ => return opts.run.set(flag, value, USAGE),
         }
         Ok(true)
     };
     parse_checked(args, USAGE, Options::default(), set, |opts| {
-        at_least_one("--seconds", opts.run.seconds)?;
+        opts.run.check()?;
         names_some("--scenarios", &opts.scenarios, "scenario")
     })
 }
@@ -677,9 +684,10 @@ impl Guest {
     }
 }
 
-/// One scenario's run.
+/// One scenario's run on one transport.
 struct Run {
     scenario: &'static Scenario,
+    transport: Transport,
     guest: Option<Guest>,
     tap: Option<TapCounters>,
     sent: Option<Sent>,
@@ -688,9 +696,10 @@ struct Run {
 }
 
 impl Run {
-    fn new(scenario: &'static Scenario) -> Self {
+    fn new(scenario: &'static Scenario, transport: Transport) -> Self {
         Self {
             scenario,
+            transport,
             guest: None,
             tap: None,
             sent: None,
@@ -723,9 +732,9 @@ struct Setup<'a> {
     host: HostState,
 }
 
-/// Runs the VMM for one scenario and measures it.
-fn run_scenario(setup: &Setup<'_>, sc: &'static Scenario) -> Run {
-    let mut run = Run::new(sc);
+/// Runs the VMM for one scenario on `transport` and measures it.
+fn run_scenario(setup: &Setup<'_>, sc: &'static Scenario, transport: Transport) -> Run {
+    let mut run = Run::new(sc, transport);
     if let Err(e) = drive(setup, &mut run) {
         run.log.failure = Some(e);
     }
@@ -735,14 +744,15 @@ fn run_scenario(setup: &Setup<'_>, sc: &'static Scenario) -> Run {
 fn drive(setup: &Setup<'_>, run: &mut Run) -> Result<()> {
     let (opts, kernel, ns, ifindex) = (setup.opts, setup.kernel, setup.ns, setup.ifindex);
     let sc = run.scenario;
-    eprintln!("net bench: {}", sc.name);
+    eprintln!("net bench: {} on {}", sc.name, run.transport.name());
     let mac = GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
     let mut args: Vec<OsString> = ["netns", "exec", &ns.name].map(OsString::from).to_vec();
     args.push(opts.run.vmm.clone().into());
     args.extend(opts.run.run_args(
         kernel,
+        run.transport,
         ["--net".into(), format!("tap:{TAP},mac={mac}").into()],
-        probe_cmdline(sc, opts.run.seconds),
+        &probe_cmdline(sc, opts.run.seconds),
     ));
     // The capture socket is bound before the guest sends, and closed after the sample.
     let stop = Arc::new(AtomicBool::new(false));
@@ -821,7 +831,9 @@ fn talk(
         run.guest = Some(run.log.figures(&ready, &result, Guest::parse)?);
         Ok(())
     })();
-    vmm.conclude(talked, &mut run.log)
+    vmm.conclude(talked, &mut run.log)?;
+    check_transport(&run.log.stdout, "netbench", run.transport)?;
+    run.guest.map_or(Ok(()), |g| run.log.check_clock(g.ns))
 }
 
 // --- report -------------------------------------------------------------------------------------
@@ -837,13 +849,27 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
     );
     let _ = writeln!(
         out,
-        "{:8} {:>7} {:>12} {:>9} {:>14} {:>13} {:>14}",
-        "scenario", "frame B", "frames/s", "Gbit/s", "dev us/frame", "dev ns/byte", "VMM us/frame"
+        "{:8} {:9} {:>7} {:>12} {:>8} {:>9} {:>13} {:>12} {:>13} {:>6}",
+        "scenario",
+        "transport",
+        "frame B",
+        "frames/s",
+        "vs mmio",
+        "Gbit/s",
+        "dev us/frame",
+        "dev ns/byte",
+        "VMM us/frame",
+        "vCPU"
     );
     for run in runs {
         let sc = run.scenario;
-        let Some(g) = run.guest else {
-            let _ = writeln!(out, "{:8} {:>7} no figures", sc.name, sc.frame);
+        let t = run.transport.name();
+        let Some(g) = run.guest.filter(|_| run.log.failure.is_none()) else {
+            let _ = writeln!(
+                out,
+                "{:8} {t:9} {:>7} the run failed (below)",
+                sc.name, sc.frame
+            );
             continue;
         };
         let per = |s: Option<f64>, n: u64, scale: f64| match (s, n) {
@@ -854,26 +880,31 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
         let all = run.log.cpu.map(|c| c.total_s());
         let _ = writeln!(
             out,
-            "{:8} {:>7} {:>12.0} {:>9.3} {:>14} {:>13} {:>14}",
+            "{:8} {t:9} {:>7} {:>12.0} {:>8} {:>9.3} {:>13} {:>12} {:>13} {:>6}",
             sc.name,
             sc.frame,
             g.frames_per_s(),
+            vs_mmio(runs, run),
             g.gbit_per_s(),
             per(dev, g.frames, 1e6),
             per(dev, g.bytes, 1e9),
             per(all, g.frames, 1e6),
+            run.log.vcpu_share(),
         );
     }
     let _ = writeln!(
         out,
         "frames/s, Gbit/s: the guest's count of benchmark frames (Ethernet bytes, no virtio-net \
-         header) over its own time (TSC). dev: the CPU time of the VMM's virtio-net thread, VMM: \
+         header) over its own time (TSC); vs mmio: frames/s against the same scenario on \
+         virtio-mmio. dev: the CPU time of the VMM's virtio-net thread, VMM: \
          of all its threads (the vCPU thread polls all the time), from the guest's ready line \
-         to its figures (/proc/PID/task/*/stat, 10 ms ticks)."
+         to its figures (/proc/PID/task/*/stat, 10 ms ticks); vCPU: the vCPU thread's CPU time \
+         then over that time (much under 100 %: it waited for a CPU, for the benchmark's own sender in \
+         rx or a busy host)."
     );
     for run in runs {
         let sc = run.scenario;
-        let _ = writeln!(out, "{}:", sc.name);
+        let _ = writeln!(out, "{} on {}:", sc.name, run.transport.name());
         if let Some(ready) = &run.log.ready {
             let _ = writeln!(out, "    {ready}");
         }
@@ -958,6 +989,22 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
     out
 }
 
+/// A run's frames/s against the same scenario's on virtio-mmio ("-" for that one itself).
+fn vs_mmio(runs: &[Run], run: &Run) -> String {
+    if run.transport == Transport::Mmio {
+        return "-".to_string();
+    }
+    let rate = |r: &Run| {
+        r.guest
+            .filter(|_| r.log.failure.is_none())
+            .map(|g| g.frames_per_s())
+    };
+    let mmio = runs
+        .iter()
+        .find(|r| r.scenario == run.scenario && r.transport == Transport::Mmio);
+    relative(rate(run), mmio.and_then(rate))
+}
+
 // --- main ---------------------------------------------------------------------------------------
 
 fn bench(opts: &Options) -> Result<bool> {
@@ -979,7 +1026,8 @@ fn bench(opts: &Options) -> Result<bool> {
     let runs: Vec<Run> = opts
         .scenarios
         .iter()
-        .map(|sc| run_scenario(&setup, sc))
+        .flat_map(|sc| opts.run.transports.iter().map(move |&t| (*sc, t)))
+        .map(|(sc, t)| run_scenario(&setup, sc, t))
         .collect();
     print!("{}", report(&setup, &runs));
     Ok(runs.iter().all(|r| r.log.failure.is_none()))

@@ -2,17 +2,22 @@
 //! the VMM's virtio-vsock device, each way, and how much of the VMM's CPU time that costs.
 //!
 //! ```text
-//! cargo bench --bench vsock -- [--seconds N] [--scenarios a,b] [--size N] [--vmm PATH]
-//!                              [--kernel PATH]
+//! cargo bench --bench vsock -- [--seconds N] [--scenarios a,b] [--transports mmio,pci]
+//!                              [--size N] [--vmm PATH] [--kernel PATH]
 //! ```
 //!
-//! One VMM run per scenario: `VMM run --kernel PROBE --vsock 3,uds=DIR/v.sock --cpus 1
-//! --memory 128 --console tty --timeout T --cmdline "probe.tests=vsockbench
-//! probe.vsockbench=MODE probe.vsockbench_ms=..."`. The probe guest's `vsockbench` check
+//! One VMM run per scenario and virtio transport (`--transports`, default both, each scenario
+//! on one after the other): `VMM run --kernel PROBE --transport mmio|pci --vsock
+//! 3,uds=DIR/v.sock --cpus 1 --memory 128 --console tty --timeout T --cmdline
+//! "probe.tests=vsockbench probe.vsockbench=MODE probe.vsockbench_ms=...
+//! probe.transport=mmio|pci"`. The probe guest's `vsockbench` check
 //! (resources/probe-guest/README.md) polls its queues with 64 KiB receive buffers, prints
 //! `probe: vsockbench ready MODE`, accepts one connection on guest port 52 and prints its
-//! figures when it ends. The benchmark connects to the Unix socket, writes `CONNECT 52\n`,
-//! reads `OK <port>\n`, then:
+//! figures when it ends, then its ok line, which names the device's transport: a run whose
+//! device was not on the transport asked for fails, as does one whose guest clock (its TSC, at
+//! a rate it may have timed wrong against the PIT on a busy host) disagrees with the host's
+//! between the guest's ready and figures lines. The benchmark connects to the Unix socket,
+//! writes `CONNECT 52\n`, reads `OK <port>\n`, then:
 //!
 //! - `rtt` (guest mode `echo`): writes a `--size`-byte message (default 64) and reads it back,
 //!   one at a time, for N seconds; each round trip is timed (`Instant`), and p50, p99, the
@@ -52,8 +57,8 @@ mod common;
 mod vmm;
 
 use common::{
-    at_least_one, check_vmm, kernel_or_probe, median, names_some, parse_checked, parse_number,
-    percentile, pick, Request, Result, TempDir,
+    check_transport, check_vmm, kernel_or_probe, median, names_some, parse_checked, parse_number,
+    percentile, pick, relative, Request, Result, TempDir, Transport,
 };
 use vmm::{field, HostState, RunLog, RunOptions, Vmm};
 
@@ -61,6 +66,8 @@ const USAGE: &str = "\
 usage: cargo bench --bench vsock -- [OPTIONS]
   --seconds N         seconds each scenario runs (default 3, at least 1)
   --scenarios LIST    rtt, h2g, g2h, comma-separated (default all)
+  --transports LIST   virtio transports to run each scenario on: mmio, pci, comma-separated
+                      (default mmio,pci)
   --size N            bytes of an rtt message (default 64, 1..=4096)
   --vmm PATH          the VMM binary (default: the cgvm that cargo built for this benchmark)
   --kernel PATH       the probe guest (default: build it with resources/probe-guest/build.sh)
@@ -134,12 +141,12 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Request<Option
             "--scenarios" => {
                 opts.scenarios = pick(&value()?, &Scenario::ALL, |s| s.name(), "scenario", USAGE)?;
             }
-            _ => return opts.run.set(flag, value),
+            _ => return opts.run.set(flag, value, USAGE),
         }
         Ok(true)
     };
     parse_checked(args, USAGE, Options::default(), set, |opts| {
-        at_least_one("--seconds", opts.run.seconds)?;
+        opts.run.check()?;
         if !(1..=4096).contains(&opts.size) {
             return Err("--size must be 1..=4096".to_string());
         }
@@ -304,9 +311,10 @@ impl Guest {
     }
 }
 
-/// One scenario's run.
+/// One scenario's run on one transport.
 struct Run {
     scenario: Scenario,
+    transport: Transport,
     guest: Option<Guest>,
     host: Option<Host>,
     log: RunLog,
@@ -320,9 +328,10 @@ struct Setup<'a> {
     host: HostState,
 }
 
-fn run_scenario(setup: &Setup<'_>, scenario: Scenario) -> Run {
+fn run_scenario(setup: &Setup<'_>, scenario: Scenario, transport: Transport) -> Run {
     let mut run = Run {
         scenario,
+        transport,
         guest: None,
         host: None,
         log: RunLog::default(),
@@ -335,8 +344,9 @@ fn run_scenario(setup: &Setup<'_>, scenario: Scenario) -> Run {
 
 fn drive(setup: &Setup<'_>, run: &mut Run) -> Result<()> {
     let (opts, sc) = (setup.opts, run.scenario);
-    eprintln!("vsock bench: {}", sc.name());
-    let uds = setup.dir.join(format!("{}.sock", sc.name()));
+    let t = run.transport.name();
+    eprintln!("vsock bench: {} on {t}", sc.name());
+    let uds = setup.dir.join(format!("{}-{t}.sock", sc.name()));
     let mut vsock = OsString::from(format!("{CID},uds="));
     vsock.push(&uds);
     let cmdline = format!(
@@ -345,9 +355,12 @@ fn drive(setup: &Setup<'_>, run: &mut Run) -> Result<()> {
         sc.mode(),
         opts.run.seconds * 1000
     );
-    let args = opts
-        .run
-        .run_args(setup.kernel, ["--vsock".into(), vsock], cmdline);
+    let args = opts.run.run_args(
+        setup.kernel,
+        run.transport,
+        ["--vsock".into(), vsock],
+        &cmdline,
+    );
     let vmm = Vmm::spawn(&opts.run.vmm, &args)?;
     let talked = (|| -> Result<()> {
         let ready = vmm.wait_ready(
@@ -384,7 +397,9 @@ fn drive(setup: &Setup<'_>, run: &mut Run) -> Result<()> {
         run.guest = Some(run.log.figures(&ready, &result, Guest::parse)?);
         Ok(())
     })();
-    vmm.conclude(talked, &mut run.log)
+    vmm.conclude(talked, &mut run.log)?;
+    check_transport(&run.log.stdout, "vsockbench", run.transport)?;
+    run.guest.map_or(Ok(()), |g| run.log.check_clock(g.ns))
 }
 
 // --- report -------------------------------------------------------------------------------------
@@ -407,66 +422,113 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
             _ => ("-".to_string(), "-".to_string()),
         }
     };
-    for run in runs {
-        let sc = run.scenario;
-        let (Some(g), Some(h)) = (run.guest, run.host.as_ref()) else {
-            let _ = writeln!(out, "{}: no figures", sc.name());
+    let rtts: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.scenario == Scenario::Rtt)
+        .collect();
+    if !rtts.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:8} {:9} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>6}",
+            "scenario",
+            "transport",
+            "round trips",
+            "rt/s",
+            "vs mmio",
+            "p50 us",
+            "p99 us",
+            "mean us",
+            "max us",
+            "dev us/rt",
+            "VMM us/rt",
+            "vCPU"
+        );
+    }
+    for run in rtts {
+        let t = run.transport.name();
+        let (Some(h), Some(per_s)) = (run.host.as_ref(), rate(run)) else {
+            let _ = writeln!(
+                out,
+                "{:8} {t:9} the run failed (below)",
+                run.scenario.name()
+            );
             continue;
         };
-        match sc {
-            Scenario::Rtt => {
-                let mut rtts = h.rtts_us.clone();
-                rtts.sort_by(f64::total_cmp);
-                let n = rtts.len();
-                let mean = rtts.iter().sum::<f64>() / n.max(1) as f64;
-                let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
-                let (dev, all) = cpu_per(run, n as f64, 1e6);
-                let _ = writeln!(
-                    out,
-                    "rtt {} bytes: {n} round trips in {:.2} s ({:.0}/s), p50 {} us, p99 {} us, \
-                     mean {mean:.1} us, max {} us; CPU per round trip: dev {dev} us, VMM {all} us",
-                    opts.size,
-                    h.seconds,
-                    n as f64 / h.seconds.max(1e-9),
-                    show(median(&rtts)),
-                    show(percentile(&rtts, 99.0)),
-                    show(rtts.last().copied()),
-                );
-            }
-            Scenario::H2g => {
-                let bytes = g.rx_bytes as f64;
-                let (dev, all) = cpu_per(run, bytes, 1e9);
-                let _ = writeln!(
-                    out,
-                    "h2g 64 KiB writes: {:.3} Gbit/s ({:.0} MiB/s) by the guest's count ({} bytes \
-                     in {} packets over {:.3} s); host wrote {:.0} MiB/s; CPU per byte: dev {dev} \
-                     ns, VMM {all} ns",
-                    bytes * 8.0 / g.ns.max(1) as f64,
-                    bytes * 1e9 / g.ns.max(1) as f64 / (1 << 20) as f64,
-                    g.rx_bytes,
-                    g.rx_packets,
-                    g.ns as f64 / 1e9,
-                    h.written as f64 / h.seconds.max(1e-9) / (1 << 20) as f64,
-                );
-            }
-            Scenario::G2h => {
-                let bytes = h.read as f64;
-                let (dev, all) = cpu_per(run, bytes, 1e9);
-                let _ = writeln!(
-                    out,
-                    "g2h 64 KiB packets: {:.3} Gbit/s ({:.0} MiB/s) read by the host ({} bytes \
-                     over {:.3} s; the guest sent {} bytes in {} packets); CPU per byte: dev \
-                     {dev} ns, VMM {all} ns",
-                    bytes * 8.0 / h.seconds.max(1e-9) / 1e9,
-                    bytes / h.seconds.max(1e-9) / (1 << 20) as f64,
-                    h.read,
-                    h.seconds,
-                    g.tx_bytes,
-                    g.tx_packets,
-                );
-            }
-        }
+        let mut sorted = h.rtts_us.clone();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let mean = sorted.iter().sum::<f64>() / n.max(1) as f64;
+        let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        let (dev, all) = cpu_per(run, n as f64, 1e6);
+        let _ = writeln!(
+            out,
+            "{:8} {t:9} {n:>11} {:>8.0} {:>8} {:>8} {:>8} {mean:>8.1} {:>8} {dev:>10} {all:>10} \
+             {:>6}",
+            run.scenario.name(),
+            per_s,
+            vs_mmio(runs, run),
+            show(median(&sorted)),
+            show(percentile(&sorted, 99.0)),
+            show(sorted.last().copied()),
+            run.log.vcpu_share(),
+        );
     }
+    let streams: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.scenario != Scenario::Rtt)
+        .collect();
+    if !streams.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:8} {:9} {:>11} {:>8} {:>11} {:>11} {:>12} {:>12} {:>6}",
+            "scenario",
+            "transport",
+            "Gbit/s",
+            "vs mmio",
+            "guest MiB/s",
+            "host MiB/s",
+            "dev ns/byte",
+            "VMM ns/byte",
+            "vCPU"
+        );
+    }
+    for run in streams {
+        let (sc, t) = (run.scenario, run.transport.name());
+        let (Some(g), Some(h), Some(gbit_s)) = (run.guest, run.host.as_ref(), rate(run)) else {
+            let _ = writeln!(out, "{:8} {t:9} the run failed (below)", sc.name());
+            continue;
+        };
+        let mib_s = |bytes: u64, s: f64| bytes as f64 / s.max(1e-9) / (1 << 20) as f64;
+        let guest_s = g.ns as f64 / 1e9;
+        let (guest, host, bytes) = match sc {
+            Scenario::H2g => (
+                mib_s(g.rx_bytes, guest_s),
+                mib_s(h.written, h.seconds),
+                g.rx_bytes,
+            ),
+            _ => (mib_s(g.tx_bytes, guest_s), mib_s(h.read, h.seconds), h.read),
+        };
+        let (dev, all) = cpu_per(run, bytes as f64, 1e9);
+        let _ = writeln!(
+            out,
+            "{:8} {t:9} {:>11.3} {:>8} {guest:>11.0} {host:>11.0} {dev:>12} {all:>12} {:>6}",
+            sc.name(),
+            gbit_s,
+            vs_mmio(runs, run),
+            run.log.vcpu_share(),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "rtt: {}-byte messages written and read back one at a time, each round trip timed by the \
+         host. h2g: 64 KiB writes, Gbit/s by the guest's count over its own time (TSC, first \
+         data packet to last). g2h: the guest's packets of up to 64 KiB, Gbit/s read by the host \
+         from its first byte to its last. guest/host MiB/s: each side's view. vs mmio: round \
+         trips per second or Gbit/s against the same scenario on virtio-mmio. vCPU: the vCPU \
+         thread's CPU time from the guest's ready line to its figures over that time (much \
+         under 100 %: it waited for a CPU, a busy host).",
+        opts.size
+    );
     let _ = writeln!(
         out,
         "dev: the CPU time of the VMM's virtio-vsock thread, VMM: of all its threads (the vCPU \
@@ -474,7 +536,7 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
          (/proc/PID/task/*/stat, 10 ms ticks), over the round trips or bytes."
     );
     for run in runs {
-        let _ = writeln!(out, "{}:", run.scenario.name());
+        let _ = writeln!(out, "{} on {}:", run.scenario.name(), run.transport.name());
         if let Some(ready) = &run.log.ready {
             let _ = writeln!(out, "    {ready}");
         }
@@ -510,6 +572,31 @@ fn report(setup: &Setup<'_>, runs: &[Run]) -> String {
     out
 }
 
+/// A run's main figure: round trips per second (rtt), else Gbit/s (h2g: the guest's count,
+/// g2h: what the host read); `None` for a failed run.
+fn rate(run: &Run) -> Option<f64> {
+    if run.log.failure.is_some() {
+        return None;
+    }
+    let (g, h) = (run.guest?, run.host.as_ref()?);
+    Some(match run.scenario {
+        Scenario::Rtt => h.rtts_us.len() as f64 / h.seconds.max(1e-9),
+        Scenario::H2g => g.rx_bytes as f64 * 8.0 / g.ns.max(1) as f64,
+        Scenario::G2h => h.read as f64 * 8.0 / h.seconds.max(1e-9) / 1e9,
+    })
+}
+
+/// A run's [`rate`] against the same scenario's on virtio-mmio ("-" for that one itself).
+fn vs_mmio(runs: &[Run], run: &Run) -> String {
+    if run.transport == Transport::Mmio {
+        return "-".to_string();
+    }
+    let mmio = runs
+        .iter()
+        .find(|r| r.scenario == run.scenario && r.transport == Transport::Mmio);
+    relative(rate(run), mmio.and_then(rate))
+}
+
 // --- main ---------------------------------------------------------------------------------------
 
 fn bench(opts: &Options) -> Result<bool> {
@@ -525,7 +612,8 @@ fn bench(opts: &Options) -> Result<bool> {
     let runs: Vec<Run> = opts
         .scenarios
         .iter()
-        .map(|&&sc| run_scenario(&setup, sc))
+        .flat_map(|&&sc| opts.run.transports.iter().map(move |&t| (sc, t)))
+        .map(|(sc, t)| run_scenario(&setup, sc, t))
         .collect();
     print!("{}", report(&setup, &runs));
     Ok(runs.iter().all(|r| r.log.failure.is_none()))

@@ -7,6 +7,7 @@ use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::thread;
 
 /// A benchmark's error: a sentence for the user.
 pub type Result<T> = std::result::Result<T, String>;
@@ -203,6 +204,144 @@ pub fn kernel_or_probe(kernel: Option<&Path>, dir: &Path, who: &str) -> Result<P
     }
 }
 
+/// A virtio transport of `cgvm run --transport`, as a benchmark asks for it and checks that the
+/// probe guest used it.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// virtio-mmio.
+    Mmio,
+    /// virtio-pci (MSI-X, behind a PCI host bridge).
+    Pci,
+}
+
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+impl Transport {
+    /// Every transport, in the order of `--transports`' default.
+    pub const ALL: [Transport; 2] = [Transport::Mmio, Transport::Pci];
+
+    /// The name `cgvm run --transport` and `probe.transport` take.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mmio => "mmio",
+            Self::Pci => "pci",
+        }
+    }
+
+    /// `--transport NAME`, for `cgvm run`.
+    pub fn vmm_args(self) -> [OsString; 2] {
+        ["--transport".into(), self.name().into()]
+    }
+
+    /// The guest command line's `probe.transport=NAME`: the probe takes its devices from this
+    /// transport only.
+    pub fn probe_word(self) -> String {
+        format!("probe.transport={}", self.name())
+    }
+
+    /// The transports `--transports LIST` names, in its order.
+    pub fn parse_list(list: &str, usage: &str) -> Result<Vec<Transport>> {
+        let picked = pick(list, &Self::ALL, |t| t.name(), "transport", usage)?;
+        Ok(picked.into_iter().copied().collect())
+    }
+}
+
+/// The transport of the device that a probe line names first: "virtio-mmio at 0xc0001000" and
+/// "virtio-net at 0xc0001000" are virtio-mmio, "virtio-pci 00:01.0" and "virtio-net at 00:01.0"
+/// virtio-pci (see resources/probe-guest/README.md); `None` if it names none.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn transport_named(line: &str) -> Option<Transport> {
+    let is_bdf = |s: &str| {
+        let b = s.as_bytes();
+        b.len() >= 7
+            && b[2] == b':'
+            && b[5] == b'.'
+            && [0, 1, 3, 4, 6].iter().all(|&i| b[i].is_ascii_hexdigit())
+    };
+    line.match_indices("virtio-").find_map(|(i, _)| {
+        let rest = &line[i + "virtio-".len()..];
+        if let Some(bdf) = rest.strip_prefix("pci ") {
+            return is_bdf(bdf).then_some(Transport::Pci);
+        }
+        let (_kind, place) = rest.split_once(' ')?;
+        let place = place.strip_prefix("at ")?;
+        if place.starts_with("0x") {
+            Some(Transport::Mmio)
+        } else {
+            is_bdf(place).then_some(Transport::Pci)
+        }
+    })
+}
+
+/// Checks that the probe's `probe: CHECK ok (...)` line in `console` (the VMM's console
+/// output) names a device on `wanted`: the run used the transport it asked for.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn check_transport(console: &str, check: &str, wanted: Transport) -> Result<()> {
+    let prefix = format!("probe: {check} ok ");
+    let line = console
+        .lines()
+        .map(str::trim_end)
+        .find(|l| l.starts_with(&prefix))
+        .ok_or_else(|| format!("no `{}` line from the probe", prefix.trim_end()))?;
+    match transport_named(line) {
+        Some(seen) if seen == wanted => Ok(()),
+        Some(seen) => Err(format!(
+            "asked for virtio-{}, but the probe used virtio-{}: {line}",
+            wanted.name(),
+            seen.name()
+        )),
+        None => Err(format!("the probe's line names no transport: {line}")),
+    }
+}
+
+/// A figure against the same figure on another transport (`base`), for a "vs mmio" column:
+/// "+12 %", "-3 %"; "-" without both.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn relative(value: Option<f64>, base: Option<f64>) -> String {
+    match (value, base) {
+        (Some(v), Some(b)) if b > 0.0 => format!("{:+.0} %", (v / b - 1.0) * 100.0),
+        _ => "-".to_string(),
+    }
+}
+
+/// The host's load averages (`/proc/loadavg`'s first three fields), to show how busy the
+/// machine was.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// How far a time the guest measured may be from the host's time around it: at most `over` (a
+/// fraction) plus `slack_s` longer, at least `under` plus `slack_s` shorter.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClockBounds {
+    pub over: f64,
+    pub under: f64,
+    pub slack_s: f64,
+}
+
+/// Checks a time the guest measured with its TSC, `guest_s`, against the host's, `host_s`,
+/// between the guest's lines around it: the probe's TSC rate (see its `tsc` module) is wrong
+/// when it timed the PIT while its vCPU thread was kept off the CPU (a busy host), and its
+/// figures are wrong by as much.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn clock_agrees(guest_s: f64, host_s: f64, bounds: ClockBounds) -> Result<()> {
+    let ok = guest_s <= host_s * (1.0 + bounds.over) + bounds.slack_s
+        && guest_s >= host_s * (1.0 - bounds.under) - bounds.slack_s;
+    if ok {
+        return Ok(());
+    }
+    Err(format!(
+        "the guest's clock is off: it timed {guest_s:.3} s where the host saw {host_s:.3} s \
+         between its lines, so its figures are off as much (its TSC rate, timed against the \
+         PIT, is wrong when its vCPU waited for a CPU then: run it on a quieter host)"
+    ))
+}
+
 /// Parses the number given to `option`.
 pub fn parse_number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T> {
     value
@@ -283,6 +422,26 @@ pub fn tail(text: &str, n: usize) -> Vec<&str> {
     lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
+/// Reads a pipe to its end on a thread, so that a chatty child never blocks on a full pipe
+/// while the benchmark waits for it.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn drain<R: io::Read + Send + 'static>(mut pipe: R) -> thread::JoinHandle<io::Result<String>> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        pipe.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    })
+}
+
+/// What a reader thread (`what`: of which pipe, in the error) gave.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn joined<T>(reader: thread::JoinHandle<io::Result<T>>, what: &str) -> Result<T> {
+    reader
+        .join()
+        .map_err(|_| format!("the {what} reader panicked"))?
+        .map_err(|e| format!("reading the {what}: {e}"))
+}
+
 /// Waits for the child `pid` with wait4: its exit status and resource usage.
 #[allow(dead_code)] // not every benchmark that includes this module uses it
 pub fn wait_for(pid: u32) -> Result<(ExitStatus, libc::rusage)> {
@@ -338,6 +497,17 @@ impl ThreadCpu {
     /// All threads.
     pub fn total_s(&self) -> f64 {
         self.vcpu_s + self.device_s + self.other_s
+    }
+}
+
+/// The vCPU threads' CPU time over `seconds` of wall-clock time, as a percentage ("-" without
+/// it): the probe polls all the time on one vCPU, so much under 100 % means that vCPU waited for
+/// a CPU (a busy host), and the figures of that time are the worse for it.
+#[allow(dead_code)] // not every benchmark that includes this module uses it
+pub fn vcpu_share(cpu: Option<ThreadCpu>, seconds: f64) -> String {
+    match cpu {
+        Some(c) if seconds > 0.0 => format!("{:.0} %", c.vcpu_s / seconds * 100.0),
+        _ => "-".to_string(),
     }
 }
 

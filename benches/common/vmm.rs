@@ -28,8 +28,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    clock_ticks_per_s, cpu_seconds, parse_number, parse_task_stat, tail, wait_for, Result,
-    ThreadCpu,
+    at_least_one, clock_agrees, clock_ticks_per_s, cpu_seconds, load_average, names_some,
+    parse_number, parse_task_stat, tail, vcpu_share, wait_for, ClockBounds, Result, ThreadCpu,
+    Transport,
 };
 
 /// How long the guest has to get ready, and what its figures may take beyond the time.
@@ -37,6 +38,13 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const RESULT_SLACK: Duration = Duration::from_secs(40);
 /// How many lines of a failed run's output are shown.
 const TAIL_LINES: usize = 8;
+/// How far the guest's time between its ready and result lines may be from the host's
+/// ([`RunLog::check_clock`]).
+const CLOCK_BOUNDS: ClockBounds = ClockBounds {
+    over: 0.05,
+    under: 0.15,
+    slack_s: 0.3,
+};
 
 /// What kind of VMM thread a name says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,10 +54,12 @@ enum Kind {
     Other,
 }
 
+/// `cgvm-vcpu*`; `cgvm-virtio*` and io_uring's `iou-*` workers (a disk's `engine=uring`), the
+/// devices'; the rest.
 fn kind_of(comm: &str) -> Kind {
     if comm.starts_with("cgvm-vcpu") {
         Kind::Vcpu
-    } else if comm.starts_with("cgvm-virtio") {
+    } else if comm.starts_with("cgvm-virtio") || comm.starts_with("iou-") {
         Kind::Device
     } else {
         Kind::Other
@@ -225,6 +235,8 @@ pub struct Mark {
     pub line: String,
     /// The VMM's thread CPU time then (`None`: not a probe line, or the VMM was gone).
     pub cpu: Option<ThreadCpu>,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 /// How a VMM run ended.
@@ -297,6 +309,7 @@ impl Vmm {
                 let _ = tx.send(Mark {
                     line: trimmed.to_string(),
                     cpu,
+                    at: Instant::now(),
                 });
                 text.push_str(&decoded);
             }
@@ -409,6 +422,15 @@ impl Vmm {
         }
     }
 
+    /// Waits for the VMM to exit: how it ended, and its console lines not waited for yet (with
+    /// what was measured when each came).
+    #[allow(dead_code)] // not every benchmark that includes this module uses it
+    pub fn finish_with_marks(self) -> Result<(Finished, Vec<Mark>)> {
+        // Ends when the console reader does, at the VMM's exit.
+        let marks = self.lines.iter().collect();
+        Ok((self.finish()?, marks))
+    }
+
     /// Waits for the VMM to exit and collects its output.
     pub fn finish(mut self) -> Result<Finished> {
         let (status, usage) = wait_for(self.child.id())?;
@@ -439,13 +461,9 @@ impl Drop for Vmm {
 }
 
 fn joined(reader: Option<thread::JoinHandle<io::Result<String>>>, what: &str) -> Result<String> {
-    let Some(reader) = reader else {
-        return Ok(String::new());
-    };
-    reader
-        .join()
-        .map_err(|_| format!("the {what} reader panicked"))?
-        .map_err(|e| format!("reading the {what}: {e}"))
+    reader.map_or(Ok(String::new()), |reader| {
+        crate::common::joined(reader, what)
+    })
 }
 
 /// An exit status in words.
@@ -462,15 +480,6 @@ pub fn describe_status(status: ExitStatus) -> String {
     }
 }
 
-/// The host's load averages (`/proc/loadavg`'s first three fields), to show how busy the
-/// machine was.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".to_string())
-}
-
 /// The value of `key=` in a line of `key=value` words, parsed.
 pub fn field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
     line.split_whitespace()
@@ -480,11 +489,13 @@ pub fn field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
 }
 
 /// What the benchmarks that run the VMM for a time take on their command lines besides their
-/// own options: `--seconds`, `--vmm`, `--kernel`, `--pin` and `--no-seccomp`.
+/// own options: `--seconds`, `--transports`, `--vmm`, `--kernel`, `--pin` and `--no-seccomp`.
 #[derive(Debug)]
 pub struct RunOptions {
     /// Seconds each scenario runs.
     pub seconds: u64,
+    /// The virtio transports each scenario runs on.
+    pub transports: Vec<Transport>,
     /// The VMM binary.
     pub vmm: PathBuf,
     /// The probe guest (`None`: build it).
@@ -499,6 +510,7 @@ impl Default for RunOptions {
     fn default() -> Self {
         Self {
             seconds: 3,
+            transports: Transport::ALL.to_vec(),
             vmm: PathBuf::from(env!("CARGO_BIN_EXE_cgvm")),
             kernel: None,
             pin: false,
@@ -508,10 +520,17 @@ impl Default for RunOptions {
 }
 
 impl RunOptions {
-    /// Applies `flag` if it is one of these, taking its value from `value()`; whether it was.
-    pub fn set(&mut self, flag: &str, value: &mut dyn FnMut() -> Result<String>) -> Result<bool> {
+    /// Applies `flag` if it is one of these, taking its value from `value()`; whether it was
+    /// (`usage`: shown for an unknown transport).
+    pub fn set(
+        &mut self,
+        flag: &str,
+        value: &mut dyn FnMut() -> Result<String>,
+        usage: &str,
+    ) -> Result<bool> {
         match flag {
             "--seconds" => self.seconds = parse_number(flag, &value()?)?,
+            "--transports" => self.transports = Transport::parse_list(&value()?, usage)?,
             "--vmm" => self.vmm = PathBuf::from(value()?),
             "--kernel" => self.kernel = Some(PathBuf::from(value()?)),
             "--pin" => self.pin = true,
@@ -519,6 +538,12 @@ impl RunOptions {
             _ => return Ok(false),
         }
         Ok(true)
+    }
+
+    /// Checks what every such benchmark needs: `--seconds` and `--transports` not empty.
+    pub fn check(&self) -> Result<()> {
+        at_least_one("--seconds", self.seconds)?;
+        names_some("--transports", &self.transports, "transport")
     }
 
     /// Writes a report's first line: `cgvm WHAT benchmark: VMM, kernel KERNEL, N host CPUs`.
@@ -532,16 +557,24 @@ impl RunOptions {
         );
     }
 
-    /// The arguments of `cgvm run` for one scenario: the guest `kernel` and its `cmdline`, the
-    /// `device` (a flag and its value), 1 vCPU, 128 MiB, the console on stdout and a time limit
-    /// a minute past the scenario's.
-    pub fn run_args(&self, kernel: &Path, device: [OsString; 2], cmdline: String) -> Vec<OsString> {
+    /// The arguments of `cgvm run` for one scenario on `transport`: the guest `kernel` and its
+    /// `cmdline` (to which `probe.transport=T` is added), the `device` (a flag and its value),
+    /// 1 vCPU, 128 MiB, the console on stdout and a time limit a minute past the scenario's.
+    pub fn run_args(
+        &self,
+        kernel: &Path,
+        transport: Transport,
+        device: [OsString; 2],
+        cmdline: &str,
+    ) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec!["run".into()];
         if self.no_seccomp {
             args.push("--no-seccomp".into());
         }
         args.extend(["--kernel".into(), kernel.into()]);
+        args.extend(transport.vmm_args());
         args.extend(device);
+        let cmdline = format!("{cmdline} {}", transport.probe_word());
         for (flag, value) in [
             ("--cpus", "1".to_string()),
             ("--memory", "128".to_string()),
@@ -592,6 +625,8 @@ pub struct RunLog {
     pub ready: Option<String>,
     /// The VMM's thread CPU from the ready line to the result line.
     pub cpu: Option<ThreadCpu>,
+    /// Seconds from the ready line's arrival to the result line's.
+    pub host_s: Option<f64>,
     /// Exit status, CPU and wall-clock time of the whole run.
     pub ended: Option<(String, f64, f64)>,
     /// Why the run failed.
@@ -603,7 +638,7 @@ pub struct RunLog {
 
 impl RunLog {
     /// The guest's figures, `parse` of its `result` line (an error without them); records the
-    /// VMM's thread CPU from the `ready` line to it.
+    /// VMM's thread CPU and the time from the `ready` line to it.
     pub fn figures<G>(
         &mut self,
         ready: &Mark,
@@ -615,16 +650,39 @@ impl RunLog {
         if let (Some(a), Some(b)) = (ready.cpu, result.cpu) {
             self.cpu = Some(b.since(&a));
         }
+        self.host_s = Some(result.at.duration_since(ready.at).as_secs_f64());
         Ok(figures)
+    }
+
+    /// The vCPU threads' share of a CPU from the ready line to the result line
+    /// ([`vcpu_share`]).
+    pub fn vcpu_share(&self) -> String {
+        vcpu_share(self.cpu, self.host_s.unwrap_or(0.0))
+    }
+
+    /// Checks the guest's clock: the `guest_ns` it measured between its ready and result lines
+    /// (a part of that time) against the host's time between them. The probe's TSC rate may
+    /// come from 10 ms of the PIT, which a vCPU thread kept off its CPU for a few ms on a busy
+    /// host gets wrong; its figures are wrong by as much. The bounds are loose (the host's time
+    /// holds the benchmark's own setup and ending): they catch a rate off by a third or so.
+    pub fn check_clock(&self, guest_ns: u64) -> Result<()> {
+        let Some(host_s) = self.host_s else {
+            return Ok(());
+        };
+        clock_agrees(guest_ns as f64 / 1e9, host_s, CLOCK_BOUNDS)
     }
 
     /// Writes how the VMM ended and, for a failed run, why, with the last lines of the VMM's
     /// output.
     pub fn write_end(&self, out: &mut String) {
         if let Some((status, cpu_s, wall_s)) = &self.ended {
+            let window = self.host_s.map_or(String::new(), |s| {
+                format!("; {s:.3} s from the guest's ready line to its figures")
+            });
             let _ = writeln!(
                 out,
-                "    VMM: {status}, {cpu_s:.2} s CPU in {wall_s:.2} s wall-clock (boot included)"
+                "    VMM: {status}, {cpu_s:.2} s CPU in {wall_s:.2} s wall-clock (boot \
+                 included){window}"
             );
         }
         if let Some(why) = &self.failure {
