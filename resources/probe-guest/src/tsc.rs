@@ -3,8 +3,8 @@
 //!
 //! The rate comes from CPUID where the CPU or hypervisor states it (leaf 0x15: crystal clock
 //! and ratio; leaf 0x16: base MHz; leaf 0x4000_0010: the TSC kHz some hypervisors publish),
-//! else from timing 10 ms of PIT channel 2 (the in-kernel PIT, gated through port 0x61, as
-//! Linux's `pit_calibrate_tsc` does), else it is assumed to be 3 GHz. It is found once, on the
+//! else from timing 10 ms of PIT channel 2 three times and keeping the median (the in-kernel
+//! PIT, gated through port 0x61, as Linux's `pit_calibrate_tsc` does), else it is assumed to be 3 GHz. It is found once, on the
 //! first [`Deadline`] (or [`ticks_per_ms`] call), and kept with where it came from
 //! ([`rate_source`]). Deadlines use it (a timeout message's "N ms" is as good as the rate), and
 //! the blkbench check, which converts elapsed ticks to nanoseconds ([`ticks_to_ns_at`]).
@@ -184,9 +184,30 @@ fn from_pit() -> Option<u64> {
     None
 }
 
-/// Times [`PIT_CALIBRATION_MS`] of PIT channel 2 with the TSC.
+/// How many PIT calibrations are made; their median is kept.
+const PIT_RUNS: usize = 3;
+
+/// The median of [`PIT_RUNS`] PIT calibrations. One run is skewed when the vCPU waits for a
+/// host CPU inside its window (a late poll counts too many ticks, a late start too few); the
+/// median of three survives one such run.
 #[cfg(not(test))]
 fn from_pit() -> Option<u64> {
+    let mut rates = [0u64; PIT_RUNS];
+    for r in rates.iter_mut() {
+        *r = pit_once()?;
+    }
+    Some(median(rates))
+}
+
+/// The middle value.
+fn median(mut v: [u64; PIT_RUNS]) -> u64 {
+    v.sort_unstable();
+    v[PIT_RUNS / 2]
+}
+
+/// Times [`PIT_CALIBRATION_MS`] of PIT channel 2 with the TSC.
+#[cfg(not(test))]
+fn pit_once() -> Option<u64> {
     let count = PIT_HZ * PIT_CALIBRATION_MS / 1000;
     // SAFETY: PIT channel 2 and port 0x61 are timer and speaker state; neither touches memory.
     // The speaker stays off, and port 0x61 is restored after.
@@ -250,6 +271,12 @@ impl Deadline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_ignores_one_skewed_calibration() {
+        assert_eq!(median([2_600_000, 4_340_000, 2_601_000]), 2_601_000);
+        assert_eq!(median([1_000_000, 2_600_000, 2_600_500]), 2_600_000);
+    }
 
     #[test]
     fn ticks_convert_to_ns() {
