@@ -930,7 +930,7 @@ mod tests {
     #[test]
     fn identity_bar_and_capabilities() {
         for (kind, class) in [
-            (TYPE_RNG, 0xff_0000),
+            (TYPE_RNG, 0x00_ff00),
             (TYPE_NET, 0x02_0000),
             (TYPE_BLOCK, 0x01_0000),
             (TYPE_VSOCK, 0x07_8000),
