@@ -2,6 +2,7 @@
 //! the outcome into the process exit status. Everything else lives in the `vmm` crate.
 
 mod doctor;
+mod jail;
 mod serve;
 
 use std::path::PathBuf;
@@ -76,6 +77,9 @@ enum Command {
     Serve(ServeArgs),
     /// Tell whether this host can run microVMs, and boot the built-in probe guest.
     Doctor,
+    /// As root: run cgvm confined (chroot, namespaces, cgroup, rlimits, uid/gid), as
+    /// Firecracker's jailer does.
+    Jail(jail::JailArgs),
 }
 
 #[derive(Args)]
@@ -266,6 +270,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run(&args, timeline),
         Some(Command::Serve(args)) => serve::serve(&args, "cgvm", false, timeline),
         Some(Command::Doctor) => doctor::run(),
+        Some(Command::Jail(args)) => jail::run(&args),
         None => serve::serve(&cli.firecracker, "cgvm", true, timeline),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
