@@ -176,7 +176,14 @@ pub fn serve(args: &ServeArgs, app_name: &str, default_sock: bool, timeline: Arc
                 ..api::ServerOptions::default()
             },
         );
-        let handle = match server.spawn() {
+        let confine = !args.no_seccomp;
+        let handle = match server.spawn_with(move || {
+            if confine {
+                api::seccomp::confine_api_thread()
+            } else {
+                Ok(())
+            }
+        }) {
             Ok(h) => h,
             Err(e) => return fail(format!("cannot start the API thread: {e}")),
         };

@@ -6,6 +6,7 @@
 //! - [`router`]: method, path and body to a [`vmm::rpc::VmmAction`] or an answer of its own
 //!   ([`route`], [`ROUTES`]), and the VMM's answer to a [`Response`] ([`vmm_response`]).
 //! - [`server`]: the thread that owns the socket ([`ApiServer`]).
+//! - [`seccomp`]: the filter of that thread ([`seccomp::confine_api_thread`]).
 //!
 //! ```no_run
 //! # fn main() -> std::io::Result<()> {
@@ -26,6 +27,7 @@
 
 pub mod http;
 pub mod router;
+pub mod seccomp;
 pub mod server;
 
 pub use http::{parse_request, HttpError, Parse, Request, Response, DEFAULT_MAX_PAYLOAD};

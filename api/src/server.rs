@@ -5,10 +5,9 @@
 //! The one wait that is not on `poll` is [`ApiSender::call`]: the VMM thread answers each
 //! request as soon as it reads it.
 //!
-//! System calls made by the loop, for the thread's seccomp filter: `poll`, `accept4`, `read`,
-//! `sendto` (MSG_NOSIGNAL, so a vanished client is an EPIPE and not a SIGPIPE), `close`,
-//! `write` (the VMM's eventfd), `futex` (the reply channel), memory allocation (`mmap`,
-//! `munmap`, `mremap`, `brk`, `madvise`) and `clock_gettime` (latencies; usually the vDSO).
+//! Answers go out with `sendto` and MSG_NOSIGNAL, so a vanished client is an EPIPE and not a
+//! SIGPIPE. The system calls the loop makes are listed, with why, in [`crate::seccomp`], whose
+//! filter [`ApiServer::spawn_with`] lets the caller install on the thread.
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};

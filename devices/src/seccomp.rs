@@ -69,15 +69,24 @@ impl From<FilterError> for std::io::Error {
 
 /// The filter for a device thread that also needs `extra`; `None` when filters are off.
 pub fn device_thread_filter(extra: &[i64]) -> Result<Option<BpfProgram>, FilterError> {
+    let all: Vec<i64> = DEVICE_THREAD_BASE.iter().chain(extra).copied().collect();
+    thread_filter(&all, BTreeMap::new())
+}
+
+/// The filter for a thread of another kind (the API thread, a vCPU): `allowed` without
+/// conditions, `conditional` where only some arguments are (an ioctl's request numbers);
+/// `None` when filters are off. Like a device thread's, it allows `fcntl(F_GETFD)`.
+pub fn thread_filter(
+    allowed: &[i64],
+    conditional: BTreeMap<i64, Vec<SeccompRule>>,
+) -> Result<Option<BpfProgram>, FilterError> {
     if !enabled() {
         return Ok(None);
     }
     let err = |e: seccompiler::BackendError| FilterError(e.to_string());
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DEVICE_THREAD_BASE
-        .iter()
-        .chain(extra)
-        .map(|&nr| (nr, Vec::new()))
-        .collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        allowed.iter().map(|&nr| (nr, Vec::new())).collect();
+    rules.extend(conditional);
     // std checks that a descriptor is still open before closing it (debug builds): fcntl,
     // but only F_GETFD.
     let getfd = SeccompCondition::new(
@@ -101,6 +110,20 @@ pub fn device_thread_filter(extra: &[i64]) -> Result<Option<BpfProgram>, FilterE
     BpfProgram::try_from(filter)
         .map(Some)
         .map_err(|e| FilterError(e.to_string()))
+}
+
+/// Builds the filter for `allowed` (see [`thread_filter`]), installs it on the calling thread
+/// and marks the thread confined ([`crate::mark_confined_thread`]); nothing when filters are
+/// off.
+pub fn confine_thread(
+    allowed: &[i64],
+    conditional: BTreeMap<i64, Vec<SeccompRule>>,
+) -> std::io::Result<()> {
+    if let Some(f) = thread_filter(allowed, conditional)? {
+        seccompiler::apply_filter(&f).map_err(std::io::Error::other)?;
+        crate::mark_confined_thread();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
