@@ -182,6 +182,21 @@ impl RateLimiter {
         false
     }
 
+    /// Admits one request of `bytes` bytes: one op, then the bytes (none taken for an empty
+    /// request). When the bytes are refused, the op is given back, so a refused request costs
+    /// nothing; the limiter is then blocked with its timer armed, as after a refused
+    /// [`consume`](Self::consume).
+    pub fn admit(&mut self, bytes: u64) -> bool {
+        if !self.consume(1, TokenType::Ops) {
+            return false;
+        }
+        if bytes > 0 && !self.consume(bytes, TokenType::Bytes) {
+            self.manual_replenish(1, TokenType::Ops);
+            return false;
+        }
+        true
+    }
+
     /// Gives back `tokens` of `kind` that were consumed for a request that did not happen (for
     /// example the bytes of a block request whose operation was then refused). They pay back
     /// debt first, then fill the budget; what a full budget cannot hold returns to the one-time

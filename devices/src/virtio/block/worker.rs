@@ -26,7 +26,6 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use super::control::{Shared, Taken};
 use super::request::{parse, status, Completion, Op};
 use super::{engine, BlockMetrics, BlockState};
-use crate::rate_limiter::TokenType;
 use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
 
@@ -164,15 +163,7 @@ impl BlockWorker {
             };
             if let Some(limiter) = &mut state.limiter {
                 let bytes = req.rate_limited_bytes();
-                let admitted = if !limiter.consume(1, TokenType::Ops) {
-                    false
-                } else if bytes > 0 && !limiter.consume(bytes, TokenType::Bytes) {
-                    limiter.manual_replenish(1, TokenType::Ops);
-                    false
-                } else {
-                    true
-                };
-                if !admitted {
+                if !limiter.admit(bytes) {
                     q.go_to_previous_position();
                     BlockMetrics::add(&metrics.throttled, 1);
                     return Ok(Stop::Held);

@@ -38,7 +38,7 @@ use super::control::{Limiters, Shared};
 use super::stream::MAX_STREAM_FRAME;
 use super::tap::VNET_HDR_LEN;
 use super::{Backend, NetMetrics};
-use crate::rate_limiter::{RateLimiter, TokenType};
+use crate::rate_limiter::RateLimiter;
 use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
 
@@ -408,15 +408,7 @@ impl NetWorker {
         }
         if let Some(l) = self.limiters.rx.as_mut() {
             let bytes = (len - VNET_HDR_LEN) as u64;
-            let ok = if !l.consume(1, TokenType::Ops) {
-                false
-            } else if !l.consume(bytes, TokenType::Bytes) {
-                l.manual_replenish(1, TokenType::Ops);
-                false
-            } else {
-                true
-            };
-            if !ok {
+            if !l.admit(bytes) {
                 count(&self.metrics.rx_throttled, 1);
                 self.rewind_rx(popped);
                 return Ok(Rx::Wait);
@@ -501,15 +493,7 @@ impl NetWorker {
                     let bytes = bytes
                         .min(MAX_TX_FRAME as u64)
                         .saturating_sub(VNET_HDR_LEN as u64);
-                    let ok = if !l.consume(1, TokenType::Ops) {
-                        false
-                    } else if !l.consume(bytes, TokenType::Bytes) {
-                        l.manual_replenish(1, TokenType::Ops);
-                        false
-                    } else {
-                        true
-                    };
-                    if !ok {
+                    if !l.admit(bytes) {
                         // Back on the ring, notifications off: the limiter's timer resumes us.
                         self.tx.queue.go_to_previous_position();
                         count(&self.metrics.tx_throttled, 1);
