@@ -12,6 +12,8 @@ pub mod pci;
 pub mod rate_limiter;
 pub mod seccomp;
 pub mod stop;
+#[cfg(test)]
+mod temp_dir;
 pub mod virtio;
 
 /// The message of a caught panic (its `&str` or `String` payload).

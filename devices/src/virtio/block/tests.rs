@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,40 +33,7 @@ const REGION: u64 = 32 << 20;
 /// Where the test driver's buffers start.
 const HEAP: u64 = 0x10_0000;
 
-/// A directory removed at the end of the test.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "cgvm-blk-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn entries(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::temp_dir::TempDir;
 
 /// The byte at `offset` of a test image.
 fn pattern(offset: u64) -> u8 {
@@ -546,7 +513,7 @@ fn image_bytes(range: std::ops::Range<u64>) -> Vec<u8> {
 
 #[test]
 fn config_space_and_features() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     // 1 MiB + 100 bytes: the tail that is not a whole sector is not visible.
     let p = make_image(&dir, "d.img", DISK + 100);
     let b = Block::new(config(&p, Engine::Sync)).unwrap();
@@ -594,7 +561,7 @@ fn config_space_and_features() {
 
 #[test]
 fn construction_errors_name_the_file_and_the_reason() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let missing = dir.path().join("missing.img");
     let e = Block::new(config(&missing, Engine::Sync)).err().unwrap();
     let msg = e.to_string();
@@ -651,7 +618,7 @@ fn engine_names_parse() {
 // Every request type, on both engines.
 
 fn every_request_type(engine: Engine) {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let mut h = Harness::new(config(&p, engine));
 
@@ -762,7 +729,7 @@ fn every_request_type_uring() {
 /// A read and a write whose buffers straddle the two guest memory regions, split over
 /// several descriptors, and a header split in two.
 fn scattered_buffers(engine: Engine) {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let mut h = Harness::new(config(&p, engine));
     let a = GuestAddress(REGION - 700);
@@ -812,7 +779,7 @@ fn scattered_buffers_uring() {
 /// the queue): with io_uring they are in flight together, more than the ring's 128 slots, so
 /// the worker must wait for slots; each gets its own answer.
 fn many_requests(engine: Engine) {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let mut h = Harness::new(config(&p, engine));
     for round in 0..2 {
@@ -855,7 +822,7 @@ fn many_requests_uring() {
 #[test]
 fn both_engines_give_the_same_results() {
     let run = |engine: Engine| {
-        let dir = TempDir::new();
+        let dir = TempDir::new("blk-test");
         let p = make_image(&dir, "d.img", DISK);
         let mut h = Harness::new(config(&p, engine));
         let mut answers = Vec::new();
@@ -886,7 +853,7 @@ fn both_engines_give_the_same_results() {
 // A hostile guest.
 
 fn hostile_chains(engine: Engine) {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let mut h = Harness::new(config(&p, engine));
     let outside = GuestAddress(MEM_SIZE + 0x1000);
@@ -1082,7 +1049,7 @@ fn hostile_chains_uring() {
 
 #[test]
 fn the_request_size_cap_is_exact() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = dir.path().join("big.img");
     File::create(&p).unwrap().set_len(32 << 20).unwrap();
     let mut h = Harness::new(config(&p, Engine::Sync));
@@ -1123,7 +1090,7 @@ fn the_request_size_cap_is_exact() {
 
 #[test]
 fn descriptor_loops_and_bad_links_are_returned_without_a_status() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let mut h = Harness::new(config(&p, Engine::Sync));
     let hdr = h.drv.header(types::IN, 0);
@@ -1162,7 +1129,7 @@ fn descriptor_loops_and_bad_links_are_returned_without_a_status() {
 
 #[test]
 fn an_indirect_chain_within_the_limit_works() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let mut h = Harness::new(config(&p, Engine::Sync));
     let hdr = h.drv.header(types::IN, 8);
@@ -1192,7 +1159,7 @@ fn an_indirect_chain_within_the_limit_works() {
 
 #[test]
 fn a_broken_queue_is_fatal_for_the_device() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     // The available index jumps more than the queue size ahead.
     let mut h = Harness::new(config(&p, Engine::Sync));
@@ -1210,7 +1177,7 @@ fn a_broken_queue_is_fatal_for_the_device() {
 
 #[test]
 fn a_read_only_disk_refuses_writes() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let mut h = Harness::new(BlockConfig {
         read_only: true,
@@ -1254,7 +1221,7 @@ fn checksum(p: &Path) -> u64 {
 }
 
 fn ephemeral_disk(engine: Engine) {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let before = checksum(&p);
     let mut model = image_bytes(0..DISK);
@@ -1329,7 +1296,7 @@ fn ephemeral_disk_uring() {
 
 #[test]
 fn an_ephemeral_image_is_opened_read_only_and_its_overlay_is_anonymous() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     // A read-only image file (as root, permissions do not stop writes; the open flags do).
     let mut perms = std::fs::metadata(&p).unwrap().permissions();
@@ -1363,7 +1330,7 @@ fn an_ephemeral_image_is_opened_read_only_and_its_overlay_is_anonymous() {
 
 #[test]
 fn anonymous_files_leave_nothing_in_their_directory() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let mut f = disk::anonymous_file(dir.path()).unwrap();
     f.write_all(b"overlay data").unwrap();
     f.seek(SeekFrom::Start(0)).unwrap();
@@ -1383,7 +1350,7 @@ fn anonymous_files_leave_nothing_in_their_directory() {
 
 #[test]
 fn event_idx_suppresses_interrupts_the_driver_does_not_want() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let mut h = Harness::with_block(Block::new(config(&p, Engine::Sync)).unwrap(), true);
     // used_event (after the avail ring) = 5: the driver wants an interrupt once the used
@@ -1402,7 +1369,7 @@ fn event_idx_suppresses_interrupts_the_driver_does_not_want() {
 
 #[test]
 fn the_rate_limiter_holds_requests_back_until_its_timer_fires() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let mut h = Harness::new(BlockConfig {
         rate_limiter: Some(RateLimiterConfig {
@@ -1446,7 +1413,7 @@ fn the_rate_limiter_holds_requests_back_until_its_timer_fires() {
 
 #[test]
 fn the_bandwidth_limiter_counts_bytes() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let mut h = Harness::new(BlockConfig {
         rate_limiter: Some(RateLimiterConfig {
@@ -1574,7 +1541,7 @@ fn on_device_thread(cfg: BlockConfig, engine_used: &str) {
 
 #[test]
 fn device_thread_sync() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     on_device_thread(config(&p, Engine::Sync), "sync");
     assert_eq!(file_bytes(&p)[8 * 512..16 * 512], vec![0x41; 4096][..]);
@@ -1582,7 +1549,7 @@ fn device_thread_sync() {
 
 #[test]
 fn device_thread_uring() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     on_device_thread(config(&p, Engine::Uring), "uring");
     assert_eq!(file_bytes(&p)[8 * 512..16 * 512], vec![0x41; 4096][..]);
@@ -1590,7 +1557,7 @@ fn device_thread_uring() {
 
 #[test]
 fn device_thread_ephemeral_rate_limited() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let before = checksum(&p);
     let cfg = BlockConfig {
@@ -1612,7 +1579,7 @@ fn device_thread_ephemeral_rate_limited() {
 
 #[test]
 fn a_missing_queue_fails_activation() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let p = make_image(&dir, "d.img", DISK);
     let mut b = Block::new(config(&p, Engine::Sync)).unwrap();
     let e = b
@@ -1683,7 +1650,7 @@ const NO_LIMIT: RateLimiterConfig = RateLimiterConfig {
 };
 
 fn swap_before_activation(engine: Engine) {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let a = make_image(&dir, "a.img", DISK);
     let b = make_other_image(&dir, "b.img", 2 * DISK);
     let block = Block::new(config(&a, engine)).unwrap();
@@ -1727,7 +1694,7 @@ fn swap_before_activation_uring() {
 }
 
 fn swap_while_active(engine: Engine) {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let a = make_image(&dir, "a.img", DISK);
     let b = make_other_image(&dir, "b.img", 2 * DISK);
     let mut h = Harness::new(config(&a, engine));
@@ -1812,7 +1779,7 @@ fn swap_while_active_uring() {
 
 #[test]
 fn a_failed_swap_names_the_file_and_keeps_the_old_disk() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let a = make_image(&dir, "a.img", DISK);
     let mut h = Harness::new(config(&a, Engine::Uring));
     let generation = h.block.config_generation();
@@ -1847,7 +1814,7 @@ fn a_failed_swap_names_the_file_and_keeps_the_old_disk() {
 }
 
 fn ephemeral_swap(engine: Engine) {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let a = make_image(&dir, "a.img", DISK);
     let b = make_other_image(&dir, "b.img", DISK);
     let (sum_a, sum_b) = (checksum(&a), checksum(&b));
@@ -1894,7 +1861,7 @@ fn an_ephemeral_swap_never_writes_the_new_file_uring() {
 
 #[test]
 fn a_read_only_disk_stays_read_only_after_a_swap() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let a = make_image(&dir, "a.img", DISK);
     let b = make_other_image(&dir, "b.img", DISK);
     let mut h = Harness::new(BlockConfig {
@@ -1909,7 +1876,7 @@ fn a_read_only_disk_stays_read_only_after_a_swap() {
 }
 
 fn rate_limiter_updates_while_active(engine: Engine) {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let a = make_image(&dir, "a.img", DISK);
     let mut h = Harness::new(config(&a, engine));
     let ctl = h.block.control();
@@ -2007,7 +1974,7 @@ fn rate_limiter_updates_while_active_uring() {
 
 #[test]
 fn rate_limiter_updates_before_activation_and_after_a_reset() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let a = make_image(&dir, "a.img", DISK);
     let block = Block::new(config(&a, Engine::Sync)).unwrap();
     let ctl = block.control();
@@ -2036,7 +2003,7 @@ fn rate_limiter_updates_before_activation_and_after_a_reset() {
 
 #[test]
 fn a_change_the_device_thread_does_not_take_times_out_and_changes_nothing() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let a = make_image(&dir, "a.img", DISK);
     let b = make_other_image(&dir, "b.img", 2 * DISK);
     let mut h = Harness::new(config(&a, Engine::Uring));
@@ -2077,7 +2044,7 @@ fn a_change_the_device_thread_does_not_take_times_out_and_changes_nothing() {
 
 #[test]
 fn a_change_waiting_when_the_worker_stops_is_made_by_the_caller() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let a = make_image(&dir, "a.img", DISK);
     let b = make_other_image(&dir, "b.img", 2 * DISK);
     let h = Harness::new(config(&a, Engine::Uring));
@@ -2110,7 +2077,7 @@ fn a_control_handle_can_go_to_any_thread() {
 
 #[test]
 fn the_device_thread_filter_follows_the_configured_engine() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let a = make_image(&dir, "a.img", DISK);
     // Ephemeral over a sparse overlay runs the sync engine, but a swap may bring a file
     // whose overlay is a reflink, and io_uring with it.
@@ -2172,7 +2139,7 @@ fn post_read(drv: &mut Driver, sector: u64, len: u32) -> (GuestAddress, GuestAdd
 /// Swaps and updates on the real device thread, under its seccomp filter: while requests
 /// are in flight, then after a reset, then active again.
 fn changes_on_the_device_thread(engine: Engine) {
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let a = make_image(&dir, "a.img", DISK);
     let b = make_other_image(&dir, "b.img", 2 * DISK);
     let c = make_image(&dir, "c.img", DISK / 2);
@@ -2263,7 +2230,7 @@ fn the_transport_shows_the_new_capacity_generation_and_interrupt() {
     use crate::bus::BusDevice;
     use crate::virtio::mmio::MmioTransport;
 
-    let dir = TempDir::new();
+    let dir = TempDir::new("blk-test");
     let a = make_image(&dir, "a.img", DISK);
     let b = make_other_image(&dir, "b.img", 2 * DISK);
     let c = make_image(&dir, "c.img", 4 * DISK);

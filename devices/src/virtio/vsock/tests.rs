@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,26 +17,7 @@ use super::*;
 use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "cgvm-vsockdev-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::temp_dir::TempDir;
 
 #[derive(Default)]
 struct CountingInterrupt(AtomicU32);
@@ -50,17 +31,17 @@ impl VirtioInterrupt for CountingInterrupt {
 
 #[test]
 fn new_checks_the_cid_and_the_path() {
-    let dir = TempDir::new();
-    let p = dir.0.join("v.sock");
+    let dir = TempDir::new("vsockdev");
+    let p = dir.path().join("v.sock");
     for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
         let e = Vsock::new(cid, &p).err().unwrap();
         assert!(e.to_string().contains(&cid.to_string()), "{e}");
     }
-    let missing = dir.0.join("nope/v.sock");
+    let missing = dir.path().join("nope/v.sock");
     let e = Vsock::new(3, &missing).err().unwrap();
     assert!(matches!(e, VsockError::NoDirectory(_)));
     assert!(e.to_string().contains("nope/v.sock"), "{e}");
-    let long = dir.0.join("x".repeat(MAX_UDS_PATH_LEN));
+    let long = dir.path().join("x".repeat(MAX_UDS_PATH_LEN));
     assert!(matches!(
         Vsock::new(3, &long),
         Err(VsockError::PathTooLong(_))
@@ -94,8 +75,8 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let dir = TempDir::new();
-        let uds = dir.0.join("v.sock");
+        let dir = TempDir::new("vsockdev");
+        let uds = dir.path().join("v.sock");
         let dev = Vsock::new(GUEST_CID, &uds).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let mut drivers: Vec<Driver> = (0..3).map(|n| Driver::with(&mem, n)).collect();
@@ -270,8 +251,8 @@ fn hostile_queue_buffers_are_returned_and_bad_packets_dropped() {
 
 #[test]
 fn an_activated_device_serves_host_clients_on_its_own_thread() {
-    let dir = TempDir::new();
-    let uds = dir.0.join("v.sock");
+    let dir = TempDir::new("vsockdev");
+    let uds = dir.path().join("v.sock");
     let mut dev = Vsock::new(GUEST_CID, &uds).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
     let mut drivers: Vec<Driver> = (0..3).map(|n| Driver::with(&mem, n)).collect();

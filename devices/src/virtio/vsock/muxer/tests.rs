@@ -3,33 +3,12 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::*;
 use crate::virtio::vsock::test_util::GUEST_CID;
 
-/// A directory removed at the end of the test.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "cgvm-vsock-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::temp_dir::TempDir;
 
 struct Env {
     dir: TempDir,
@@ -39,8 +18,8 @@ struct Env {
 
 impl Env {
     fn new() -> Self {
-        let dir = TempDir::new();
-        let uds = dir.0.join("v.sock");
+        let dir = TempDir::new("vsock");
+        let uds = dir.path().join("v.sock");
         let listener = UnixListener::bind(&uds).unwrap();
         let mux = Muxer::new(GUEST_CID, &uds, listener).unwrap();
         Env { dir, uds, mux }
@@ -48,7 +27,7 @@ impl Env {
 
     /// A host listener for guest connections to host port `port`.
     fn host_listener(&self, port: u32) -> UnixListener {
-        UnixListener::bind(self.dir.0.join(format!("v.sock_{port}"))).unwrap()
+        UnixListener::bind(self.dir.path().join(format!("v.sock_{port}"))).unwrap()
     }
 
     /// Processes host events until the muxer has a packet for the guest (10 s at most).
