@@ -193,6 +193,40 @@ fn tap_config(name: &str) -> NetConfig {
     }
 }
 
+/// Activates `dev` with every feature it offers on the rings `rxq` and `txq` in `mem`,
+/// raising `interrupt`; the queues' notification eventfds and the device's health.
+fn activate(
+    dev: &mut Net,
+    mem: &GuestMemoryMmap,
+    rxq: Queue,
+    txq: Queue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+) -> (EventFd, EventFd, DeviceHealth) {
+    let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
+    let tx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
+    let health = DeviceHealth::new();
+    dev.activate(crate::virtio::ActivateContext {
+        mem: mem.clone(),
+        queues: vec![
+            ActiveQueue {
+                index: RX_QUEUE,
+                queue: rxq,
+                notify: rx_notify.try_clone().unwrap(),
+            },
+            ActiveQueue {
+                index: TX_QUEUE,
+                queue: txq,
+                notify: tx_notify.try_clone().unwrap(),
+            },
+        ],
+        interrupt,
+        acked_features: dev.features(),
+        health: health.clone(),
+    })
+    .unwrap();
+    (rx_notify, tx_notify, health)
+}
+
 fn header_num_buffers(h: &[u8]) -> u16 {
     u16::from_le_bytes([h[10], h[11]])
 }
@@ -484,8 +518,6 @@ fn an_active_device_moves_frames_both_ways_on_its_thread() {
                 GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
             let (mut rxd, rxq) = driver(&mem, 0);
             let (mut txd, txq) = driver(&mem, 0x4000);
-            let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
-            let tx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
             let mut dev = Net::new(NetConfig {
                 mac: Some([2, 0, 0, 0, 0, 9]),
                 ..tap_config(name)
@@ -493,26 +525,7 @@ fn an_active_device_moves_frames_both_ways_on_its_thread() {
             .unwrap();
             let metrics = dev.metrics();
             let intr = Arc::new(CountingInterrupt::default());
-            let health = DeviceHealth::new();
-            dev.activate(crate::virtio::ActivateContext {
-                mem: mem.clone(),
-                queues: vec![
-                    ActiveQueue {
-                        index: 0,
-                        queue: rxq,
-                        notify: rx_notify.try_clone().unwrap(),
-                    },
-                    ActiveQueue {
-                        index: 1,
-                        queue: txq,
-                        notify: tx_notify.try_clone().unwrap(),
-                    },
-                ],
-                interrupt: intr.clone(),
-                acked_features: dev.features(),
-                health: health.clone(),
-            })
-            .unwrap();
+            let (rx_notify, tx_notify, health) = activate(&mut dev, &mem, rxq, txq, intr.clone());
             let sock = PacketSocket::bind(name);
             let wait = |what: &str, cond: &dyn Fn() -> bool| {
                 let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -934,8 +947,6 @@ fn an_active_stream_device_moves_frames_then_breaks_when_passt_goes() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let (mut rxd, rxq) = driver(&mem, 0);
     let (mut txd, txq) = driver(&mem, 0x4000);
-    let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
-    let tx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
     let (ours, mut peer) = UnixStream::pair().unwrap();
     let mut dev = Net::new(NetConfig {
         backend: NetBackendConfig::Stream(OwnedFd::from(ours)),
@@ -946,26 +957,7 @@ fn an_active_stream_device_moves_frames_then_breaks_when_passt_goes() {
     .unwrap();
     let metrics = dev.metrics();
     let intr = Arc::new(CountingInterrupt::default());
-    let health = DeviceHealth::new();
-    dev.activate(crate::virtio::ActivateContext {
-        mem: mem.clone(),
-        queues: vec![
-            ActiveQueue {
-                index: 0,
-                queue: rxq,
-                notify: rx_notify.try_clone().unwrap(),
-            },
-            ActiveQueue {
-                index: 1,
-                queue: txq,
-                notify: tx_notify.try_clone().unwrap(),
-            },
-        ],
-        interrupt: intr.clone(),
-        acked_features: dev.features(),
-        health: health.clone(),
-    })
-    .unwrap();
+    let (rx_notify, tx_notify, health) = activate(&mut dev, &mem, rxq, txq, intr.clone());
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !cond() {
@@ -1438,28 +1430,8 @@ impl Activated {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let (rxd, rxq) = driver(&mem, 0);
         let (txd, txq) = driver(&mem, 0x4000);
-        let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
-        let tx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
-        let health = DeviceHealth::new();
-        dev.activate(crate::virtio::ActivateContext {
-            mem: mem.clone(),
-            queues: vec![
-                ActiveQueue {
-                    index: RX_QUEUE,
-                    queue: rxq,
-                    notify: rx_notify.try_clone().unwrap(),
-                },
-                ActiveQueue {
-                    index: TX_QUEUE,
-                    queue: txq,
-                    notify: tx_notify.try_clone().unwrap(),
-                },
-            ],
-            interrupt: Arc::new(CountingInterrupt::default()),
-            acked_features: dev.features(),
-            health: health.clone(),
-        })
-        .unwrap();
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let (rx_notify, tx_notify, health) = activate(dev, &mem, rxq, txq, interrupt);
         Self {
             mem,
             rxd,
