@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -129,13 +128,8 @@ fn spawn_probe(
 }
 
 /// Waits for the child; its exit code and stderr.
-fn finish(mut child: Child) -> (Option<i32>, String) {
-    let status = wait_with_limit(&mut child, Duration::from_secs(60)).expect("cgvm did not end");
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    (status.code(), err)
+fn finish(child: Child) -> (Option<i32>, String) {
+    finish_child(child, Duration::from_secs(60))
 }
 
 fn read(p: &Path) -> String {

@@ -49,15 +49,10 @@ fn spawn(ns: Option<&NetNs>, dir: &Path, args: &[String]) -> (Child, PathBuf) {
     (cmd.spawn().expect("spawn cgvm"), console)
 }
 
-fn finish(mut child: Child, console: &Path) -> (Option<i32>, String, String) {
-    let status = wait_with_limit(&mut child, Duration::from_secs(90)).expect("cgvm did not end");
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut err);
-    }
+fn finish(child: Child, console: &Path) -> (Option<i32>, String, String) {
+    let (code, err) = finish_child(child, Duration::from_secs(90));
     let out = std::fs::read_to_string(console).unwrap_or_default();
-    (status.code(), err, out)
+    (code, err, out)
 }
 
 /// Boots every check on `transport` and returns the console.

@@ -45,13 +45,8 @@ fn start(dir: &Path, cmdline: &str) -> (Child, std::path::PathBuf, std::path::Pa
     (child, uds, console)
 }
 
-fn finish(mut child: Child) -> (Option<i32>, String) {
-    let status = wait_with_limit(&mut child, Duration::from_secs(60)).expect("cgvm did not end");
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    (status.code(), err)
+fn finish(child: Child) -> (Option<i32>, String) {
+    finish_child(child, Duration::from_secs(60))
 }
 
 #[test]

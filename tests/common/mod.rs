@@ -125,6 +125,17 @@ pub fn wait_with_limit(child: &mut Child, limit: Duration) -> Option<ExitStatus>
     }
 }
 
+/// Waits for a child started with a piped stderr (failing the test after `limit`); its exit
+/// code and everything it wrote to stderr.
+pub fn finish_child(mut child: Child, limit: Duration) -> (Option<i32>, String) {
+    let status = wait_with_limit(&mut child, limit).expect("cgvm did not end");
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (status.code(), err)
+}
+
 /// Runs `cmd` with stdout/stderr captured; kills it and fails the test after `limit`.
 pub fn run_with_limit(mut cmd: Command, limit: Duration) -> Finished {
     let start = Instant::now();
