@@ -86,6 +86,20 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+impl IfReq {
+    /// The request for the TAP interface `name` (at most [`MAX_NAME_LEN`] bytes, checked by
+    /// the callers) with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
+    fn tap(name: &str) -> Self {
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        req
+    }
+}
+
 /// An open TAP interface.
 #[derive(Debug)]
 pub struct Tap {
@@ -145,12 +159,7 @@ impl Tap {
                 name: name.to_string(),
                 source,
             })?;
-        let mut req = IfReq {
-            name: [0; 16],
-            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        let mut req = IfReq::tap(name);
         // SAFETY: TUNSETIFF reads and writes a struct ifreq; IfReq has its layout and size
         // (40 bytes) and lives for the call.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) };
@@ -334,12 +343,7 @@ pub(crate) mod testing {
             .write(true)
             .open("/dev/net/tun")
             .unwrap();
-        let mut req = IfReq {
-            name: [0; 16],
-            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        let mut req = IfReq::tap(name);
         // SAFETY: TUNSETIFF with a struct ifreq we own.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) };
         assert_eq!(r, 0, "TUNSETIFF: {}", io::Error::last_os_error());
