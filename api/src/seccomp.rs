@@ -2,7 +2,7 @@
 //! nothing else (no `open`, no `socket`, no `execve`). A call outside the list kills the
 //! process, as on a device thread ([`devices::seccomp`]).
 
-use std::collections::BTreeMap;
+use devices::seccomp::Policy;
 
 /// What the API thread may call once its filter is installed.
 pub const API_THREAD_SYSCALLS: &[i64] = &[
@@ -40,10 +40,15 @@ pub const API_THREAD_SYSCALLS: &[i64] = &[
     libc::SYS_exit,
 ];
 
+/// The API thread's policy (kind `api`, the name Firecracker's filter files use).
+pub fn policy() -> Policy {
+    Policy::new("api").allow(API_THREAD_SYSCALLS)
+}
+
 /// Installs the API thread's filter on the calling thread (nothing when filters are off,
 /// see [`devices::seccomp::set_enabled`]). For [`crate::ApiServer::spawn_with`].
 pub fn confine_api_thread() -> std::io::Result<()> {
-    devices::seccomp::confine_thread(API_THREAD_SYSCALLS, BTreeMap::new())
+    devices::seccomp::confine(&policy()).map_err(std::io::Error::from)
 }
 
 #[cfg(test)]
@@ -52,7 +57,12 @@ mod tests {
 
     #[test]
     fn the_api_filter_compiles() {
-        let f = devices::seccomp::thread_filter(API_THREAD_SYSCALLS, BTreeMap::new()).unwrap();
-        assert!(f.is_some_and(|p| p.len() > API_THREAD_SYSCALLS.len()));
+        let f = policy().compile().unwrap();
+        assert!(f.len() > API_THREAD_SYSCALLS.len());
+        assert_eq!(
+            policy().syscall_count(),
+            API_THREAD_SYSCALLS.len() + 1,
+            "and fcntl"
+        );
     }
 }

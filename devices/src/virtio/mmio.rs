@@ -12,6 +12,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::activator::{Activator, DeferredActivation};
 use super::transport::{QueueAddress, TransportCore, TransportError};
 use super::{InterruptReason, VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
@@ -96,6 +97,11 @@ impl MmioTransport {
         self.core.is_active()
     }
 
+    /// Leaves activation to `activator`'s thread instead of the vCPU that writes DRIVER_OK.
+    pub fn set_activator(&mut self, activator: Arc<Activator>) {
+        self.core.set_activator(activator);
+    }
+
     fn read_reg(&mut self, offset: u64) -> u32 {
         let core = &self.core;
         match offset {
@@ -144,6 +150,13 @@ impl MmioTransport {
             }
             _ => log::debug!("virtio-mmio: write {v:#x} to unknown register {offset:#x}"),
         }
+    }
+}
+
+impl DeferredActivation for MmioTransport {
+    fn activate_pending(&mut self) {
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        self.core.activate_pending(&interrupt);
     }
 }
 
@@ -288,6 +301,54 @@ mod tests {
         assert_ne!(r(&mut t, 0xfc), gen, "a reset moves the generation");
         w(&mut t, 0x30, 1);
         assert_eq!(r(&mut t, 0x44), 0);
+    }
+
+    #[test]
+    fn with_an_activator_driver_ok_waits_for_the_loop_and_a_reset_cancels_it() {
+        let activator = Activator::new().unwrap();
+        let (t, given, _) = transport(1);
+        let t = Arc::new(std::sync::Mutex::new(t));
+        t.lock().unwrap().set_activator(activator.clone());
+        let deferred: Arc<std::sync::Mutex<dyn DeferredActivation>> = t.clone();
+        activator.register(Arc::downgrade(&deferred));
+        let mut g = t.lock().unwrap();
+        negotiate(&mut g);
+        setup_queue(&mut g, 0, 0x10000);
+        w(&mut g, 0x70, DRIVER_OK);
+        // Recorded, not run: the vCPU thread that wrote it starts nothing.
+        assert!(!g.is_active());
+        assert!(given.lock().unwrap().is_none());
+        assert_eq!(
+            r(&mut g, 0x70),
+            DRIVER_OK,
+            "the status reads back as written"
+        );
+        assert_eq!(activator.event().read().unwrap(), 1, "the loop is woken");
+        activator.event().write(1).unwrap();
+        drop(g);
+        activator.run_pending();
+        assert!(t.lock().unwrap().is_active());
+        assert!(given.lock().unwrap().is_some());
+        // Once is enough: another run changes nothing.
+        activator.run_pending();
+        assert!(t.lock().unwrap().is_active());
+
+        // A reset before the loop gets to it: no activation.
+        let mut g = t.lock().unwrap();
+        w(&mut g, 0x70, 0);
+        assert!(given.lock().unwrap().is_none());
+        negotiate(&mut g);
+        setup_queue(&mut g, 0, 0x10000);
+        w(&mut g, 0x70, DRIVER_OK);
+        w(&mut g, 0x70, 0);
+        drop(g);
+        activator.run_pending();
+        assert!(!t.lock().unwrap().is_active());
+        assert!(given.lock().unwrap().is_none());
+        // A transport that is gone is skipped.
+        drop(deferred);
+        drop(t);
+        activator.run_pending();
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! registers and never touches the queues once the device is active; the state machine both
 //! transports drive is `transport`.
 
+pub mod activator;
 pub mod block;
 pub mod mmio;
 pub mod net;
@@ -22,6 +23,17 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+/// Every kind of device thread, each with its seccomp list: block per engine, net per
+/// backend, vsock, rng.
+pub fn device_kinds() -> Vec<&'static crate::seccomp::DeviceKind> {
+    let mut v = Vec::new();
+    v.extend(block::seccomp_kinds());
+    v.extend(net::seccomp_kinds());
+    v.push(vsock::seccomp_kind());
+    v.push(rng::seccomp_kind());
+    v
+}
 
 /// Device type: network card.
 pub const TYPE_NET: u32 = 1;

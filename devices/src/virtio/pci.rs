@@ -27,6 +27,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::activator::{Activator, DeferredActivation};
 use super::transport::{QueueAddress, TransportCore, TransportError};
 use super::{
     InterruptReason, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, TYPE_NET, TYPE_RNG, TYPE_VSOCK,
@@ -381,6 +382,11 @@ impl VirtioPciDevice {
         self.core.is_active()
     }
 
+    /// Leaves activation to `activator`'s thread instead of the vCPU that writes DRIVER_OK.
+    pub fn set_activator(&mut self, activator: Arc<Activator>) {
+        self.core.set_activator(activator);
+    }
+
     /// The interrupt, for the VMM: INTx eventfds and resampling.
     pub fn interrupt(&self) -> Arc<VirtioPciInterrupt> {
         self.interrupt.clone()
@@ -645,6 +651,13 @@ fn virtio_cap(cfg_type: u8, offset: u32, length: u32) -> [u8; 16] {
 /// Whether `[offset, offset + len)` and `[start, start + size)` share a byte.
 fn overlaps(offset: usize, len: usize, start: usize, size: usize) -> bool {
     offset < start + size && start < offset.saturating_add(len)
+}
+
+impl DeferredActivation for VirtioPciDevice {
+    fn activate_pending(&mut self) {
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        self.core.activate_pending(&interrupt);
+    }
 }
 
 impl PciDevice for VirtioPciDevice {

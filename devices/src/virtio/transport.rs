@@ -17,6 +17,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::activator::Activator;
 use super::{
     status, ActivateContext, ActiveQueue, DeviceHealth, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
@@ -67,6 +68,11 @@ pub(crate) struct TransportCore {
     status: u32,
     config_generation: u32,
     active: bool,
+    /// Where DRIVER_OK sends the activation (the VMM loop); `None`: at once, on the thread
+    /// that wrote it.
+    activator: Option<Arc<Activator>>,
+    /// DRIVER_OK was written and the activator has not run the activation yet.
+    activation_requested: bool,
 }
 
 impl TransportCore {
@@ -102,6 +108,8 @@ impl TransportCore {
             status: 0,
             config_generation: 0,
             active: false,
+            activator: None,
+            activation_requested: false,
         })
     }
 
@@ -328,9 +336,30 @@ impl TransportCore {
         }
         self.status = v;
         if new_bits & status::DRIVER_OK != 0 && !self.active {
-            self.activate(interrupt);
+            match &self.activator {
+                Some(a) => {
+                    self.activation_requested = true;
+                    a.request();
+                }
+                None => self.activate(interrupt),
+            }
         }
         false
+    }
+
+    /// Sends activations to `activator` from now on (see [`Activator`]).
+    pub(crate) fn set_activator(&mut self, activator: Arc<Activator>) {
+        self.activator = Some(activator);
+    }
+
+    /// Runs an activation the driver requested, unless it reset the device since.
+    pub(crate) fn activate_pending(&mut self, interrupt: &Arc<dyn VirtioInterrupt>) {
+        if std::mem::take(&mut self.activation_requested)
+            && !self.active
+            && self.status & status::DRIVER_OK != 0
+        {
+            self.activate(interrupt);
+        }
     }
 
     fn activate(&mut self, interrupt: &Arc<dyn VirtioInterrupt>) {
@@ -400,6 +429,7 @@ impl TransportCore {
             self.device.reset();
             self.active = false;
         }
+        self.activation_requested = false;
         for q in &mut self.queues {
             q.reset();
         }

@@ -29,9 +29,9 @@ pub trait DeviceWorker: Send + 'static {
     fn kind(&self) -> &'static str;
     /// The descriptors to wait on, each with the token `handle` gets back.
     fn sources(&self) -> Vec<(RawFd, u32)>;
-    /// The system calls this kind needs beyond those every device thread has
-    /// ([`seccomp::DEVICE_THREAD_BASE`]).
-    fn syscalls(&self) -> &'static [i64];
+    /// The seccomp kind of this thread: the calls it needs beyond those every device thread
+    /// has ([`seccomp::DEVICE_THREAD_BASE`]).
+    fn seccomp(&self) -> &'static seccomp::DeviceKind;
     /// The descriptor of `token` is readable. `sources` changes what the thread waits on.
     /// An error ends the worker and marks the device as needing a reset.
     fn handle(&mut self, token: u32, sources: &Sources<'_>) -> Result<(), String>;
@@ -154,18 +154,17 @@ pub fn spawn<W: DeviceWorker>(
             EpollEvent::new(EventSet::IN, u64::from(token)),
         )?;
     }
-    let filter = seccomp::device_thread_filter(worker.syscalls())?;
+    let filter = seccomp::prepare(&worker.seccomp().policy())?;
     let thread = std::thread::Builder::new()
         .name(format!("cgvm-{kind}"))
         .spawn(move || {
             if let Some(f) = filter {
-                if let Err(e) = seccompiler::apply_filter(&f) {
-                    log::error!("{kind}: cannot install the seccomp filter: {e}");
+                if let Err(e) = f.install() {
+                    log::error!("{kind}: {e}");
                     health.mark_broken();
                     let _ = interrupt.trigger(InterruptReason::Config);
                     return;
                 }
-                crate::mark_confined_thread();
             }
             let registered = sources.iter().map(|&(fd, _)| fd).collect();
             if run(worker, &epoll, &thread_stop, registered) == Ended::Broken {
@@ -254,6 +253,11 @@ fn wait_for_stop(epoll: &Epoll, stop: &EventFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    static TEST_KIND: seccomp::DeviceKind = seccomp::DeviceKind {
+        name: "test-device",
+        calls: &[],
+    };
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
 
@@ -286,8 +290,8 @@ mod tests {
         fn sources(&self) -> Vec<(RawFd, u32)> {
             vec![(self.evt.as_raw_fd(), 0)]
         }
-        fn syscalls(&self) -> &'static [i64] {
-            &[]
+        fn seccomp(&self) -> &'static seccomp::DeviceKind {
+            &TEST_KIND
         }
         fn handle(&mut self, _token: u32, _sources: &Sources<'_>) -> Result<(), String> {
             let _ = self.evt.read();
@@ -353,8 +357,8 @@ mod tests {
         fn sources(&self) -> Vec<(RawFd, u32)> {
             vec![(self.first.as_raw_fd(), 0)]
         }
-        fn syscalls(&self) -> &'static [i64] {
-            &[]
+        fn seccomp(&self) -> &'static seccomp::DeviceKind {
+            &TEST_KIND
         }
         fn handle(&mut self, token: u32, sources: &Sources<'_>) -> Result<(), String> {
             match token {

@@ -390,5 +390,10 @@ impl VirtioDevice for Block {
     }
 }
 
+/// The seccomp kinds of block device threads, one per engine.
+pub(crate) fn seccomp_kinds() -> [&'static crate::seccomp::DeviceKind; 2] {
+    [&engine::SYNC_KIND, &engine::URING_KIND]
+}
+
 #[cfg(test)]
 mod tests;

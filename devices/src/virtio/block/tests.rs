@@ -2085,9 +2085,11 @@ fn the_device_thread_filter_follows_the_configured_engine() {
         ephemeral: true,
         ..config(&a, Engine::Uring)
     });
-    assert!(h.worker.syscalls().contains(&libc::SYS_io_uring_enter));
+    assert_eq!(h.worker.seccomp().name, "virtio-blk-uring");
+    assert!(h.worker.seccomp().calls.contains(&libc::SYS_io_uring_enter));
     let h = Harness::new(config(&a, Engine::Sync));
-    assert!(!h.worker.syscalls().contains(&libc::SYS_io_uring_enter));
+    assert_eq!(h.worker.seccomp().name, "virtio-blk-sync");
+    assert!(!h.worker.seccomp().calls.contains(&libc::SYS_io_uring_enter));
 }
 
 /// Waits until the driver has `n` used entries.

@@ -26,6 +26,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use super::control::{Shared, Taken};
 use super::request::{parse, status, Completion, Op};
 use super::{engine, BlockMetrics, BlockState};
+use crate::seccomp::DeviceKind;
 use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
 
@@ -42,7 +43,7 @@ pub struct BlockWorker {
     state: Option<BlockState>,
     shared: Arc<Shared>,
     metrics: Arc<BlockMetrics>,
-    syscalls: &'static [i64],
+    seccomp: &'static DeviceKind,
     /// A swap waits for the requests in flight: start no new ones.
     quiescing: bool,
 }
@@ -68,8 +69,8 @@ impl BlockWorker {
         metrics: Arc<BlockMetrics>,
     ) -> Self {
         // What the configured engine needs, whichever executor runs now: a swap can bring
-        // the other one (see engine::syscalls).
-        let syscalls = engine::syscalls(shared.settings().engine);
+        // the other one (see engine::seccomp_kind).
+        let seccomp = engine::seccomp_kind(shared.settings().engine);
         Self {
             mem,
             queue,
@@ -77,7 +78,7 @@ impl BlockWorker {
             state: Some(state),
             shared,
             metrics,
-            syscalls,
+            seccomp,
             quiescing: false,
         }
     }
@@ -293,8 +294,8 @@ impl DeviceWorker for BlockWorker {
         s
     }
 
-    fn syscalls(&self) -> &'static [i64] {
-        self.syscalls
+    fn seccomp(&self) -> &'static DeviceKind {
+        self.seccomp
     }
 
     fn handle(&mut self, token: u32, sources: &Sources<'_>) -> Result<(), String> {

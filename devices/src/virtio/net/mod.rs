@@ -37,6 +37,11 @@ mod stream;
 mod tap;
 mod worker;
 
+/// The seccomp kinds of net device threads, one per backend.
+pub(crate) fn seccomp_kinds() -> [&'static crate::seccomp::DeviceKind; 2] {
+    [&worker::TAP_KIND, &worker::PASST_KIND]
+}
+
 #[cfg(test)]
 mod tests;
 

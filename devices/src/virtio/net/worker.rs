@@ -39,6 +39,7 @@ use super::stream::MAX_STREAM_FRAME;
 use super::tap::VNET_HDR_LEN;
 use super::{Backend, NetMetrics};
 use crate::rate_limiter::RateLimiter;
+use crate::seccomp::DeviceKind;
 use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
 
@@ -59,14 +60,24 @@ const TX_LIMITER_TOKEN: u32 = 4;
 const STREAM_WRITABLE_TOKEN: u32 = 5;
 const COMMAND_TOKEN: u32 = 6;
 
-/// What the worker needs beyond the base list, for the limiters' timerfds and, over a
-/// stream, its recv and sendmsg.
-const SYSCALLS: &[i64] = &[
-    libc::SYS_timerfd_settime,
-    libc::SYS_timerfd_gettime,
-    libc::SYS_recvfrom,
-    libc::SYS_sendmsg,
-];
+/// The device thread over a tap: frames are read and written with read and write (in the
+/// base list); the limiters' timerfds.
+pub(crate) static TAP_KIND: DeviceKind = DeviceKind {
+    name: "virtio-net-tap",
+    calls: &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime],
+};
+
+/// The device thread over passt's stream socket: its recv and sendmsg, and the limiters'
+/// timerfds.
+pub(crate) static PASST_KIND: DeviceKind = DeviceKind {
+    name: "virtio-net-passt",
+    calls: &[
+        libc::SYS_timerfd_settime,
+        libc::SYS_timerfd_gettime,
+        libc::SYS_recvfrom,
+        libc::SYS_sendmsg,
+    ],
+};
 
 /// What one read from the backend gave.
 enum Read {
@@ -594,8 +605,11 @@ impl DeviceWorker for NetWorker {
         s
     }
 
-    fn syscalls(&self) -> &'static [i64] {
-        SYSCALLS
+    fn seccomp(&self) -> &'static DeviceKind {
+        match &*self.backend {
+            Backend::Tap(_) => &TAP_KIND,
+            Backend::Stream(_) => &PASST_KIND,
+        }
     }
 
     fn handle(&mut self, token: u32, sources: &Sources<'_>) -> Result<(), String> {

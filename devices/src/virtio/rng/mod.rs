@@ -96,6 +96,11 @@ impl VirtioDevice for Rng {
     }
 }
 
+/// The seccomp kind of the entropy device thread.
+pub(crate) fn seccomp_kind() -> &'static crate::seccomp::DeviceKind {
+    &worker::KIND
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;

@@ -10,6 +10,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::RngMetrics;
 use crate::rate_limiter::{RateLimiter, TokenType};
+use crate::seccomp::DeviceKind;
 use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
 
@@ -156,6 +157,16 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The entropy device thread: the host's getrandom and the limiter's timerfd.
+pub(crate) static KIND: DeviceKind = DeviceKind {
+    name: "virtio-rng",
+    calls: &[
+        libc::SYS_getrandom,
+        libc::SYS_timerfd_settime,
+        libc::SYS_timerfd_gettime,
+    ],
+};
+
 impl DeviceWorker for RngWorker {
     fn kind(&self) -> &'static str {
         "virtio-rng"
@@ -169,12 +180,8 @@ impl DeviceWorker for RngWorker {
         s
     }
 
-    fn syscalls(&self) -> &'static [i64] {
-        &[
-            libc::SYS_getrandom,
-            libc::SYS_timerfd_settime,
-            libc::SYS_timerfd_gettime,
-        ]
+    fn seccomp(&self) -> &'static DeviceKind {
+        &KIND
     }
 
     fn handle(&mut self, token: u32, _sources: &Sources<'_>) -> Result<(), String> {

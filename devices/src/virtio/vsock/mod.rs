@@ -11,6 +11,12 @@ pub mod muxer;
 pub mod packet;
 #[cfg(test)]
 mod test_util;
+
+/// The seccomp kind of the vsock device thread.
+pub(crate) fn seccomp_kind() -> &'static crate::seccomp::DeviceKind {
+    &worker::KIND
+}
+
 #[cfg(test)]
 mod tests;
 mod worker;

@@ -10,6 +10,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::muxer::Muxer;
 use super::packet::{read_tx, rx_capacity, write_rx, HDR_LEN};
+use crate::seccomp::DeviceKind;
 use crate::virtio::worker::{DeviceWorker, Sources};
 use crate::virtio::{ActiveQueue, InterruptReason, VirtioInterrupt};
 
@@ -151,6 +152,21 @@ impl VsockWorker {
     }
 }
 
+/// The vsock device thread: the host side's Unix sockets (accepting, connecting, streaming,
+/// shutting down) and the muxer's timer for handshakes and unanswered connection requests.
+pub(crate) static KIND: DeviceKind = DeviceKind {
+    name: "virtio-vsock",
+    calls: &[
+        libc::SYS_accept4,
+        libc::SYS_socket,
+        libc::SYS_connect,
+        libc::SYS_sendto,
+        libc::SYS_recvfrom,
+        libc::SYS_shutdown,
+        libc::SYS_timerfd_settime,
+    ],
+};
+
 impl DeviceWorker for VsockWorker {
     fn kind(&self) -> &'static str {
         "virtio-vsock"
@@ -165,17 +181,8 @@ impl DeviceWorker for VsockWorker {
         ]
     }
 
-    fn syscalls(&self) -> &'static [i64] {
-        &[
-            libc::SYS_accept4,
-            libc::SYS_socket,
-            libc::SYS_connect,
-            libc::SYS_sendto,
-            libc::SYS_recvfrom,
-            libc::SYS_shutdown,
-            // The muxer's timer for handshakes and unanswered connection requests.
-            libc::SYS_timerfd_settime,
-        ]
+    fn seccomp(&self) -> &'static DeviceKind {
+        &KIND
     }
 
     fn handle(&mut self, token: u32, _sources: &Sources<'_>) -> Result<(), String> {

@@ -9,6 +9,7 @@
 pub(crate) mod sync;
 pub(crate) mod uring;
 
+use crate::seccomp::DeviceKind;
 use std::io;
 use std::os::fd::RawFd;
 
@@ -51,12 +52,24 @@ impl std::str::FromStr for Engine {
 /// up for io_uring may run the sync engine (behind a sparse overlay) and, after its backing
 /// file is swapped, io_uring again (or the other way round), so the list follows what was
 /// configured, not the executor of the moment: the io_uring list holds the sync one.
-pub(crate) fn syscalls(engine: Engine) -> &'static [i64] {
+pub(crate) fn seccomp_kind(engine: Engine) -> &'static DeviceKind {
     match engine {
-        Engine::Sync => sync::SYSCALLS,
-        Engine::Uring => uring::SYSCALLS,
+        Engine::Sync => &SYNC_KIND,
+        Engine::Uring => &URING_KIND,
     }
 }
+
+/// The device thread of a disk on the sync engine.
+pub(crate) static SYNC_KIND: DeviceKind = DeviceKind {
+    name: "virtio-blk-sync",
+    calls: sync::SYSCALLS,
+};
+
+/// The device thread of a disk on io_uring.
+pub(crate) static URING_KIND: DeviceKind = DeviceKind {
+    name: "virtio-blk-uring",
+    calls: uring::SYSCALLS,
+};
 
 /// The engine of one disk, with its state.
 pub(crate) enum Executor {
