@@ -3,6 +3,7 @@
 
 mod doctor;
 mod jail;
+mod seccomp_report;
 mod serve;
 
 use std::path::PathBuf;
@@ -77,6 +78,13 @@ enum Command {
     Serve(ServeArgs),
     /// Tell whether this host can run microVMs, and boot the built-in probe guest.
     Doctor,
+    /// Print every thread kind with the system calls its seccomp filter allows.
+    SeccompReport {
+        /// Print the vmm, api and vcpu filters in Firecracker's JSON format instead (a
+        /// starting point for --seccomp-filter).
+        #[arg(long)]
+        firecracker_json: bool,
+    },
     /// As root: run cgvm confined (chroot, namespaces, cgroup, rlimits, uid/gid), as
     /// Firecracker's jailer does.
     Jail(jail::JailArgs),
@@ -143,9 +151,49 @@ struct RunArgs {
     /// mmio for an ELF vmlinux.
     #[arg(long, value_name = "mmio|pci")]
     transport: Option<vmm::config::Transport>,
-    /// Run device threads without their seccomp filters (debugging only).
+    #[command(flatten)]
+    seccomp: SeccompArgs,
+}
+
+/// The seccomp flags of `run` and `serve`.
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct SeccompArgs {
+    /// Run every thread without its seccomp filter (debugging only: a guest that takes over a
+    /// device thread is then confined by nothing).
     #[arg(long)]
-    no_seccomp: bool,
+    pub no_seccomp: bool,
+    /// Before a forbidden system call kills the process, print the thread kind and the call
+    /// (the filters trap with SIGSYS instead of killing at once; the process still dies).
+    #[arg(long, conflicts_with = "no_seccomp")]
+    pub seccomp_log: bool,
+    /// Replace the filters of the vmm, api and vcpu threads with those of FILE, in
+    /// Firecracker's JSON filter format (device threads keep cgvm's own).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_seccomp")]
+    pub seccomp_filter: Option<PathBuf>,
+}
+
+impl SeccompArgs {
+    /// Sets the process-wide seccomp options before any thread is confined.
+    pub(crate) fn apply(&self) -> Result<(), String> {
+        devices::seccomp::set_enabled(!self.no_seccomp);
+        if self.no_seccomp {
+            log::warn!("--no-seccomp: no thread is confined; use it for debugging only");
+            return Ok(());
+        }
+        if self.seccomp_log {
+            devices::seccomp::set_log(true);
+            devices::seccomp::install_sigsys_reporter()
+                .map_err(|e| format!("--seccomp-log: cannot install the SIGSYS handler: {e}"))?;
+        }
+        if let Some(path) = &self.seccomp_filter {
+            let json = std::fs::read(path)
+                .map_err(|e| format!("--seccomp-filter {}: {e}", path.display()))?;
+            let filters = devices::seccomp::compile_json(&json)
+                .map_err(|e| format!("--seccomp-filter {}: {e}", path.display()))?;
+            devices::seccomp::set_overrides(filters);
+        }
+        Ok(())
+    }
 }
 
 impl RunArgs {
@@ -205,7 +253,7 @@ impl RunArgs {
             vsock: self.vsock.clone(),
             nets,
             transport: self.transport,
-            seccomp: !self.no_seccomp,
+            seccomp: !self.seccomp.no_seccomp,
         })
     }
 }
@@ -270,6 +318,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run(&args, timeline),
         Some(Command::Serve(args)) => serve::serve(&args, "cgvm", false, timeline),
         Some(Command::Doctor) => doctor::run(),
+        Some(Command::SeccompReport { firecracker_json }) => seccomp_report::run(firecracker_json),
         Some(Command::Jail(args)) => jail::run(&args),
         None => serve::serve(&cli.firecracker, "cgvm", true, timeline),
     };
@@ -284,6 +333,10 @@ fn run(args: &RunArgs, timeline: Arc<Timeline>) -> i32 {
             return EXIT_VMM_ERROR;
         }
     };
+    if let Err(e) = args.seccomp.apply() {
+        eprintln!("cgvm: error: {e}");
+        return EXIT_VMM_ERROR;
+    }
     let result = ConsoleIo::from_config(&config.console).and_then(|console| {
         let read_stdin = console.read_stdin;
         build(&config, timeline.clone(), console, Arc::default()).map(|vmm| (vmm, read_stdin))
@@ -295,9 +348,6 @@ fn run(args: &RunArgs, timeline: Arc<Timeline>) -> i32 {
             return EXIT_VMM_ERROR;
         }
     };
-    if !config.seccomp {
-        log::warn!("seccomp filters are off (--no-seccomp): device threads are not confined");
-    }
     let raw = if read_stdin {
         vmm::console::RawTerminal::enter()
     } else {

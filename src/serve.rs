@@ -56,9 +56,8 @@ pub struct ServeArgs {
     /// Write metrics (JSON lines) to this file or named pipe.
     #[arg(long, value_name = "PATH")]
     pub metrics_path: Option<PathBuf>,
-    /// Run without seccomp filters (debugging only).
-    #[arg(long)]
-    pub no_seccomp: bool,
+    #[command(flatten)]
+    pub seccomp: crate::SeccompArgs,
     /// Put the virtio devices on a PCI bus (virtio-pci with MSI-X), as Firecracker's flag
     /// does; the same as --transport pci.
     #[arg(long, conflicts_with = "transport")]
@@ -112,6 +111,10 @@ fn bind(path: &Path) -> Result<UnixListener, String> {
 /// Runs the API-driven VMM; returns the process exit status.
 pub fn serve(args: &ServeArgs, app_name: &str, default_sock: bool, timeline: Arc<Timeline>) -> i32 {
     vmm::logger::set_instance_id(&args.id);
+    if let Err(e) = args.seccomp.apply() {
+        eprintln!("cgvm: error: {e}");
+        return vmm::outcome::EXIT_VMM_ERROR;
+    }
     if let Some(us) = args.start_time_us {
         log::debug!("started by a jailer at {us} µs");
     }
@@ -176,7 +179,7 @@ pub fn serve(args: &ServeArgs, app_name: &str, default_sock: bool, timeline: Arc
                 ..api::ServerOptions::default()
             },
         );
-        let confine = !args.no_seccomp;
+        let confine = !args.seccomp.no_seccomp;
         let handle = match server.spawn_with(move || {
             if confine {
                 api::seccomp::confine_api_thread()
@@ -197,7 +200,7 @@ pub fn serve(args: &ServeArgs, app_name: &str, default_sock: bool, timeline: Arc
     let base = VmConfig {
         console: ConsoleConfig::Tty,
         timeout,
-        seccomp: !args.no_seccomp,
+        seccomp: !args.seccomp.no_seccomp,
         transport: if args.enable_pci {
             Some(vmm::config::Transport::Pci)
         } else {
@@ -235,9 +238,6 @@ pub fn serve(args: &ServeArgs, app_name: &str, default_sock: bool, timeline: Arc
         if let Err(e) = controller.set_metrics(m) {
             return fail(e);
         }
-    }
-    if args.no_seccomp {
-        log::warn!("--no-seccomp: the VMM's threads are not confined");
     }
 
     let vmm = if args.config_file.is_some() {

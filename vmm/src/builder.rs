@@ -9,6 +9,7 @@ use boot::loader::{self, EntryMode};
 use devices::bus::{Bus, BusError, SharedDevice};
 use devices::legacy;
 use devices::stop::StopNotifier;
+use devices::virtio::activator::Activator;
 use devices::virtio::block;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -164,13 +165,14 @@ impl VirtioPlacement {
         mem: &vm_memory::GuestMemoryMmap,
         mmio: &mut Bus,
         device: Box<dyn devices::virtio::VirtioDevice>,
+        activator: &Arc<Activator>,
     ) -> Result<(), BuildError> {
         match self {
             Self::Mmio(m) => {
-                m.add(vm, mem, mmio, device)?;
+                m.add(vm, mem, mmio, device, activator)?;
             }
             Self::Pci(p) => {
-                let s = p.add(vm, mem, device)?;
+                let s = p.add(vm, mem, device, activator)?;
                 log::info!(
                     "virtio-pci: type {} at 00:{:02x}.0, BAR 0 at {}, INTA on GSI {}, MSI GSIs {}..{}",
                     s.device_type,
@@ -285,6 +287,8 @@ pub fn build(
             Transport::Mmio
         });
     log::info!("virtio transport: {transport}");
+    // DRIVER_OK writes reach the transports on vCPU threads; the VMM loop starts the devices.
+    let activator = Activator::new().map_err(io_err("cannot create the activation eventfd"))?;
     let mut virtio = match transport {
         Transport::Mmio => VirtioPlacement::Mmio(MmioDeviceManager::new()),
         Transport::Pci => VirtioPlacement::Pci(PciDeviceManager::new(&vm, mem_size)?),
@@ -309,7 +313,7 @@ pub fn build(
             id,
             control: block.control(),
         });
-        virtio.add(&vm, mem, &mut mmio, Box::new(block))?;
+        virtio.add(&vm, mem, &mut mmio, Box::new(block), &activator)?;
     }
     *metrics.blocks.lock().unwrap_or_else(|e| e.into_inner()) = block_metrics;
     // The other sections are this build's devices only (an earlier, failed build's are gone).
@@ -325,7 +329,7 @@ pub fn build(
                 "entropy".into(),
                 Box::new(move || crate::metrics::rng_json(&m)),
             ));
-        virtio.add(&vm, mem, &mut mmio, Box::new(rng))?;
+        virtio.add(&vm, mem, &mut mmio, Box::new(rng), &activator)?;
     }
 
     if let Some(v) = &config.vsock {
@@ -335,7 +339,7 @@ pub fn build(
             v.cid,
             v.uds_path.display()
         );
-        virtio.add(&vm, mem, &mut mmio, Box::new(dev))?;
+        virtio.add(&vm, mem, &mut mmio, Box::new(dev), &activator)?;
     }
 
     // Network interfaces. passt processes live as long as the machine: dropping them (when
@@ -382,7 +386,7 @@ pub fn build(
             id: id.clone(),
             control: dev.control(),
         });
-        virtio.add(&vm, mem, &mut mmio, Box::new(dev))?;
+        virtio.add(&vm, mem, &mut mmio, Box::new(dev), &activator)?;
     }
 
     // The devices' description: virtio-mmio windows on the command line and in the DSDT, or
@@ -470,9 +474,11 @@ pub fn build(
         )
         .map_err(io_err("cannot create the vCPU stop eventfd"))?,
     );
+    let vcpu_filter = devices::seccomp::prepare(&crate::seccomp::vcpu_policy())
+        .map_err(|e| io_err("cannot build the vCPU filter")(e.into()))?;
     let mut threads = Vec::with_capacity(fds.len());
     for (id, fd) in fds.into_iter().enumerate() {
-        let h = vcpu::spawn(fd, id as u8, shared_state.clone())
+        let h = vcpu::spawn(fd, id as u8, shared_state.clone(), vcpu_filter.clone())
             .map_err(io_err(format!("cannot start the thread of vCPU {id}")))?;
         threads.push(h);
     }
@@ -488,5 +494,6 @@ pub fn build(
         nets,
         passts,
         pci_interrupts: pci_runtime.map(|r| r.interrupts).unwrap_or_default(),
+        activator,
     }))
 }

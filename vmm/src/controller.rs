@@ -211,9 +211,6 @@ impl Controller {
             self.metrics.clone(),
         )
         .map_err(|e| VmmActionError(format!("Cannot start microvm: {e}")))?;
-        if !config.seccomp {
-            log::warn!("seccomp filters are off (--no-seccomp): device threads are not confined");
-        }
         self.state = InstanceState::Running;
         log::info!(
             "instance {} started: {} vCPUs, {} MiB",

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use boot::layout;
 use devices::bus::{Bus, SharedDevice};
+use devices::virtio::activator::{Activator, DeferredActivation};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::VirtioDevice;
 use kvm_ioctls::IoEventAddress;
@@ -79,6 +80,7 @@ impl MmioDeviceManager {
         mem: &GuestMemoryMmap,
         bus: &mut Bus,
         device: Box<dyn VirtioDevice>,
+        activator: &Arc<Activator>,
     ) -> Result<MmioSlot, DeviceManagerError> {
         let n = self.slots.len();
         let irq = *VIRTIO_IRQS.get(n).ok_or(DeviceManagerError::OutOfIrqs)?;
@@ -90,7 +92,8 @@ impl MmioDeviceManager {
                 what: format!("KVM_IRQFD for GSI {irq}"),
                 source,
             })?;
-        let transport = MmioTransport::new(device, mem.clone(), irq_evt)?;
+        let mut transport = MmioTransport::new(device, mem.clone(), irq_evt)?;
+        transport.set_activator(activator.clone());
         let device_type = transport.device_type();
         for (i, evt) in transport.queue_events().iter().enumerate() {
             let addr = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
@@ -102,6 +105,8 @@ impl MmioDeviceManager {
                 })?;
         }
         let transport = Arc::new(Mutex::new(transport));
+        let deferred: Arc<Mutex<dyn DeferredActivation>> = transport.clone();
+        activator.register(Arc::downgrade(&deferred));
         bus.insert(transport.clone() as SharedDevice, base, MMIO_WINDOW_SIZE)?;
         let slot = MmioSlot {
             base,

@@ -20,5 +20,6 @@ pub mod pci_manager;
 pub mod resources;
 pub mod rpc;
 pub mod runner;
+pub mod seccomp;
 pub mod timeline;
 pub mod vstate;

@@ -141,6 +141,10 @@ impl Passt {
                 .name("cgvm-passt-log".into())
                 .spawn(move || {
                     use std::io::BufRead;
+                    if let Err(e) = devices::seccomp::confine(&crate::seccomp::passt_log_policy()) {
+                        // Keep reading all the same: passt dies of SIGPIPE if nobody does.
+                        log::error!("passt's log thread: {e}");
+                    }
                     for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
                         log::info!("passt (pid {pid}): {line}");
                     }

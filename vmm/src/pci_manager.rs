@@ -13,6 +13,7 @@ use devices::bus::{Bus, SharedDevice};
 use devices::pci::{
     BarWindow, MsiMessage, PciConfigIo, PciEcam, PciHost, PciMmioWindow, PciRoot, PciWindows,
 };
+use devices::virtio::activator::{Activator, DeferredActivation};
 use devices::virtio::pci::{msix_vectors_for, VirtioPciDevice, VirtioPciInterrupt, VirtioPciIrqs};
 use devices::virtio::VirtioDevice;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -162,13 +163,14 @@ impl PciDeviceManager {
         vm: &Vm,
         mem: &GuestMemoryMmap,
         device: Box<dyn VirtioDevice>,
+        activator: &Arc<Activator>,
     ) -> Result<PciSlot, PciManagerError> {
         // Slots are taken in order and never freed: the next is one past the last.
         let want = self.slots.len() as u8 + 1;
         let intx_gsi = boot::acpi::pci_intx_gsi(want, 0);
         let vectors = msix_vectors_for(&*device);
         let device_type = device.device_type();
-        let dev = VirtioPciDevice::new(
+        let mut dev = VirtioPciDevice::new(
             device,
             mem.clone(),
             self.host.clone(),
@@ -191,7 +193,10 @@ impl PciDeviceManager {
                 intx_gsi,
             )
             .map_err(kvm(format!("KVM_IRQFD (resample) for INTx GSI {intx_gsi}")))?;
+        dev.set_activator(activator.clone());
         let dev = Arc::new(Mutex::new(dev));
+        let deferred: Arc<Mutex<dyn DeferredActivation>> = dev.clone();
+        activator.register(Arc::downgrade(&deferred));
         let got = self.root.add_device(dev.clone())?;
         if got != want {
             return Err(PciManagerError::Slot { want, got });

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use devices::virtio::activator::Activator;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -236,6 +237,8 @@ pub struct Vmm {
     _passts: Vec<crate::passt::Passt>,
     /// The virtio-pci devices' interrupts, whose INTx resample eventfds the loop watches.
     pci_interrupts: Vec<Arc<VirtioPciInterrupt>>,
+    /// Where the transports send DRIVER_OK; the loop runs the activations.
+    activator: Arc<Activator>,
 }
 
 /// The parts [`Vmm::new`] assembles.
@@ -250,6 +253,7 @@ pub(crate) struct VmmParts {
     pub nets: Vec<NetHandle>,
     pub passts: Vec<crate::passt::Passt>,
     pub pci_interrupts: Vec<Arc<VirtioPciInterrupt>>,
+    pub activator: Arc<Activator>,
 }
 
 impl Vmm {
@@ -266,6 +270,7 @@ impl Vmm {
             nets: p.nets,
             _passts: p.passts,
             pci_interrupts: p.pci_interrupts,
+            activator: p.activator,
         }
     }
 
@@ -317,6 +322,12 @@ impl Vmm {
         if !self.pci_interrupts.is_empty() {
             em.add_subscriber(Box::new(IntxResampler(self.pci_interrupts.clone())));
         }
+        em.add_subscriber(Box::new(Activations(self.activator.clone())));
+        // From here on the VMM thread makes only the calls of its policy; the device threads
+        // it starts carry this filter as well as their own.
+        if let Err(e) = devices::seccomp::confine(&crate::seccomp::vmm_policy()) {
+            return RunOutcome::VmmError(e.to_string());
+        }
         loop {
             if let Some(o) = outcome.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 return o;
@@ -347,6 +358,22 @@ impl Vmm {
                 log::warn!("a vCPU thread did not leave KVM_RUN within {VCPU_STOP_GRACE:?}");
             }
         }
+    }
+}
+
+/// Starts the devices whose drivers wrote DRIVER_OK (see `devices::virtio::activator`).
+struct Activations(Arc<Activator>);
+
+impl MutEventSubscriber for Activations {
+    fn init(&mut self, ops: &mut EventOps) {
+        let fd = self.0.event().as_raw_fd();
+        if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+            log::error!("cannot watch the device activation eventfd: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.0.run_pending();
     }
 }
 

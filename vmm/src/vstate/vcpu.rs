@@ -310,11 +310,28 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
 }
 
-/// Starts the thread that runs `fd` as vCPU `id`.
-pub fn spawn(fd: VcpuFd, id: u8, shared: Arc<VcpuShared>) -> std::io::Result<JoinHandle<()>> {
+/// Starts the thread that runs `fd` as vCPU `id`; it installs `filter` (the `vcpu` seccomp
+/// policy) before its first KVM_RUN.
+pub fn spawn(
+    fd: VcpuFd,
+    id: u8,
+    shared: Arc<VcpuShared>,
+    filter: Option<devices::seccomp::Prepared>,
+) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("cgvm-vcpu{id}"))
         .spawn(move || {
+            if let Some(f) = filter {
+                if let Err(e) = f.install() {
+                    shared.record_stop(VcpuStop {
+                        vcpu: id,
+                        reason: e.to_string(),
+                        rip: 0,
+                        bytes: "unavailable".into(),
+                    });
+                    return;
+                }
+            }
             let result =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(fd, id, &shared)));
             if let Err(panic) = result {
