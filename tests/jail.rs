@@ -30,11 +30,22 @@ fn cgroup2_lacks(controllers: &[&str]) -> Option<String> {
         return Some("/sys/fs/cgroup is not a cgroup2 mount on this host".into());
     }
     let have = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+    let subtree = "/sys/fs/cgroup/cgroup.subtree_control";
+    let enabled = std::fs::read_to_string(subtree).unwrap_or_default();
     for c in controllers {
         if !have.split_whitespace().any(|h| h == *c) {
             return Some(format!(
                 "the cgroup2 root lacks the {c} controller ({have})"
             ));
+        }
+        // The jail enables the controller for its cgroups; where the root holds processes
+        // (the root of a container's cgroup namespace), the kernel refuses that (EBUSY).
+        if !enabled.split_whitespace().any(|e| e == *c) {
+            if let Err(e) = std::fs::write(subtree, format!("+{c}")) {
+                return Some(format!(
+                    "the {c} controller cannot be enabled for child cgroups in {subtree}: {e}"
+                ));
+            }
         }
     }
     None
