@@ -191,18 +191,6 @@ fn device_kind_is_fatal(
     }
 }
 
-fn passt_missing() -> bool {
-    let found = Command::new("which")
-        .arg("passt")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        eprintln!("skipped: passt is not installed (apt-get install passt)");
-    }
-    !found
-}
-
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }

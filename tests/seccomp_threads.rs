@@ -414,18 +414,6 @@ fn every_thread_runs_under_its_filter_on_virtio_mmio() {
     check_every_device("mmio");
 }
 
-fn passt_missing() -> bool {
-    let found = std::process::Command::new("which")
-        .arg("passt")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        eprintln!("skipped: passt is not installed (apt-get install passt)");
-    }
-    !found
-}
-
 /// A Firecracker config file: the probe (waiting when done), a disk and an entropy device.
 fn config_file(d: &Path) -> PathBuf {
     let disk = d.join("root.img");

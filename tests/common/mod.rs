@@ -200,3 +200,16 @@ pub fn dir_listing(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// True (after printing why the test is skipped) when passt is not on PATH.
+pub fn passt_missing() -> bool {
+    let found = Command::new("which")
+        .arg("passt")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!("skipped: passt is not installed (apt-get install passt)");
+    }
+    !found
+}

@@ -45,48 +45,35 @@ pub const TUNSETOFFLOAD: u64 = ioc(IOC_WRITE, b'T' as u64, 208, 4);
 /// `FICLONE` (`_IOW(0x94, 9, int)`).
 pub const FICLONE: u64 = ioc(IOC_WRITE, 0x94, 9, 4);
 
-/// The calls of the allocator, signal delivery and thread exit, which every kind here makes.
-const COMMON: &[i64] = &[
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_futex,
-    libc::SYS_sched_yield,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_mprotect,
-    libc::SYS_close,
-    libc::SYS_clock_gettime,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sigaltstack,
-    libc::SYS_restart_syscall,
-    libc::SYS_exit,
-];
+/// What every kind here makes besides [`sc::THREAD_BASE`]: eventfd and file reads and writes
+/// (the serial console, the log) and closing descriptors.
+const COMMON: &[i64] = &[libc::SYS_read, libc::SYS_write, libc::SYS_close];
 
 /// The vCPU threads' policy.
 pub fn vcpu_policy() -> Policy {
-    Policy::new("vcpu").allow(COMMON).allow_args(&[ArgRule {
-        nr: libc::SYS_ioctl,
-        arg: 1,
-        values: &[
-            (KVM_RUN, "KVM_RUN"),
-            // The fault report of a vCPU that stops.
-            (KVM_GET_REGS, "KVM_GET_REGS"),
-            (KVM_GET_SREGS, "KVM_GET_SREGS"),
-            // The guest moves a virtio-pci BAR (the notify ioeventfds follow it) or programs
-            // an MSI-X vector (its GSI route changes).
-            (KVM_IOEVENTFD, "KVM_IOEVENTFD"),
-            (KVM_SET_GSI_ROUTING, "KVM_SET_GSI_ROUTING"),
-        ],
-    }])
+    Policy::new("vcpu")
+        .allow(sc::THREAD_BASE)
+        .allow(COMMON)
+        .allow_args(&[ArgRule {
+            nr: libc::SYS_ioctl,
+            arg: 1,
+            values: &[
+                (KVM_RUN, "KVM_RUN"),
+                // The fault report of a vCPU that stops.
+                (KVM_GET_REGS, "KVM_GET_REGS"),
+                (KVM_GET_SREGS, "KVM_GET_SREGS"),
+                // The guest moves a virtio-pci BAR (the notify ioeventfds follow it) or programs
+                // an MSI-X vector (its GSI route changes).
+                (KVM_IOEVENTFD, "KVM_IOEVENTFD"),
+                (KVM_SET_GSI_ROUTING, "KVM_SET_GSI_ROUTING"),
+            ],
+        }])
 }
 
 /// The VMM thread's own calls, before the device kinds are added (see [`vmm_policy`]).
 fn vmm_own_policy() -> Policy {
     Policy::new("vmm")
+        .allow(sc::THREAD_BASE)
         .allow(COMMON)
         .allow(&[
             // The event loop and its timers (the run's time limit, the metrics period).
@@ -167,7 +154,9 @@ pub fn vmm_policy() -> Policy {
 
 /// The thread that logs what passt writes on its stderr.
 pub fn passt_log_policy() -> Policy {
-    Policy::new("passt-log").allow(COMMON)
+    Policy::new("passt-log")
+        .allow(sc::THREAD_BASE)
+        .allow(COMMON)
 }
 
 #[cfg(test)]
@@ -192,7 +181,8 @@ mod tests {
         }
         let vmm = vmm_policy();
         for kind in devices::virtio::device_kinds() {
-            for &nr in kind.calls.iter().chain(sc::DEVICE_THREAD_BASE) {
+            let base = sc::THREAD_BASE.iter().chain(sc::DEVICE_THREAD_BASE);
+            for &nr in kind.calls.iter().chain(base) {
                 assert!(vmm.allows(nr), "{} needs {nr}", kind.name);
             }
         }

@@ -2,8 +2,9 @@
 //! the code that makes them (a device's worker, the API server, the vCPU loop, the VMM loop)
 //! as a [`Policy`]: calls allowed whatever their arguments, and calls allowed only with some
 //! values of one argument (an ioctl's request number, an fcntl command). Every device thread
-//! may make the calls in [`DEVICE_THREAD_BASE`] (waiting, eventfds, memory allocation, thread
-//! exit) and adds its kind's own ([`DeviceKind`]).
+//! may make the calls in [`THREAD_BASE`] (memory allocation, futexes, signals, thread exit,
+//! which every thread has) and [`DEVICE_THREAD_BASE`] (waiting, eventfds) and adds its kind's
+//! own ([`DeviceKind`]).
 //!
 //! A call outside the list kills the process. With [`set_log`] (`--seccomp-log`) the filter
 //! traps instead, and a SIGSYS handler names the thread kind and the call on stderr before
@@ -260,39 +261,44 @@ impl Policy {
     }
 }
 
-/// What every device thread needs: waiting on its fds, reading and writing eventfds and its
-/// backend, the allocator, logging to stderr, and ending the thread.
+/// What every thread of cgvm needs whatever it does: the allocator (glibc's malloc grows a
+/// thread's own arena with mprotect), futexes (locks, channels, joins), the clock (usually the
+/// vDSO), signal delivery and ending the thread.
+pub const THREAD_BASE: &[i64] = &[
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_mprotect,
+    libc::SYS_clock_gettime,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_restart_syscall,
+    libc::SYS_exit,
+];
+
+/// What every device thread adds to [`THREAD_BASE`]: waiting on its fds, reading and writing
+/// eventfds and its backend, logging to stderr.
 pub const DEVICE_THREAD_BASE: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
-    libc::SYS_futex,
-    libc::SYS_mmap,
-    // Also what unmaps an io_uring ring a disk swap retired (dropped on the device thread).
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    // glibc's malloc grows a thread's own arena with mprotect (a vsock thread copying 64 KiB
-    // packets for a guest with large buffers does).
-    libc::SYS_mprotect,
     // Also what closes what a runtime change retires on the device thread: a swapped-out
     // image and its overlay, its ring and the ring's eventfd, a replaced limiter's timerfd.
+    // (munmap, in the base, unmaps a retired io_uring ring.)
     libc::SYS_close,
-    libc::SYS_clock_gettime,
-    libc::SYS_sched_yield,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sigaltstack,
-    libc::SYS_restart_syscall,
     libc::SYS_gettid,
     libc::SYS_getcwd,
-    libc::SYS_exit,
 ];
 
-/// A device thread kind: its name and what it adds to [`DEVICE_THREAD_BASE`].
+/// A device thread kind: its name and what it adds to [`THREAD_BASE`] and
+/// [`DEVICE_THREAD_BASE`].
 #[derive(Debug)]
 pub struct DeviceKind {
     /// The kind's name in the report and the SIGSYS log ("virtio-blk-uring").
@@ -305,6 +311,7 @@ impl DeviceKind {
     /// The kind's whole policy: the base list and its own calls.
     pub fn policy(&self) -> Policy {
         Policy::new(self.name)
+            .allow(THREAD_BASE)
             .allow(DEVICE_THREAD_BASE)
             .allow(self.calls)
     }
@@ -532,7 +539,9 @@ mod tests {
     use super::*;
 
     fn base() -> Policy {
-        Policy::new("test").allow(DEVICE_THREAD_BASE)
+        Policy::new("test")
+            .allow(THREAD_BASE)
+            .allow(DEVICE_THREAD_BASE)
     }
 
     #[test]
@@ -540,7 +549,7 @@ mod tests {
         let p = base().allow(&[libc::SYS_getrandom, libc::SYS_read]);
         assert_eq!(
             p.syscall_count(),
-            DEVICE_THREAD_BASE.len() + 2,
+            THREAD_BASE.len() + DEVICE_THREAD_BASE.len() + 2,
             "fcntl and getrandom"
         );
         assert!(p.compile().unwrap().len() > DEVICE_THREAD_BASE.len());
