@@ -66,6 +66,17 @@ pub(crate) fn render() -> String {
             firecracker_count(p.kind).unwrap_or("-")
         );
     }
+    let own = vmm::seccomp::vmm_own_policy();
+    let spawn = own.clone().merge(&devices::seccomp::spawn_and_confine());
+    let full = vmm::seccomp::vmm_policy().syscall_count();
+    let _ = writeln!(
+        out,
+        "\nvmm: {} of its own, {} more to start and confine device threads, {} more that only \
+         device threads make (they run under the vmm filter too)",
+        own.syscall_count(),
+        spawn.syscall_count() - own.syscall_count(),
+        full - spawn.syscall_count()
+    );
     for (p, what) in &all {
         let _ = writeln!(
             out,

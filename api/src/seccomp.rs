@@ -8,20 +8,17 @@ use devices::seccomp::Policy;
 /// [`devices::seccomp::THREAD_BASE`] (the allocator, the reply channel's futex, the clock for
 /// latencies and the accept back-off, signals, thread exit).
 pub const API_THREAD_SYSCALLS: &[i64] = &[
-    // The loop: one poll over the listener, the shutdown eventfd and every connection
-    // (glibc's poll is either of the two).
+    // The loop: one poll over the listener, the shutdown eventfd and every connection.
     libc::SYS_poll,
-    libc::SYS_ppoll,
     libc::SYS_accept4,
-    // Reading a connection (std reads a socket with recv) and the shutdown eventfd.
-    libc::SYS_read,
+    // Reading a connection (std reads a socket with recv).
     libc::SYS_recvfrom,
-    // Answers (send with MSG_NOSIGNAL), the VMM's eventfd, log lines.
+    // Answers (send with MSG_NOSIGNAL).
     libc::SYS_sendto,
+    // The VMM's eventfd, log lines.
     libc::SYS_write,
-    libc::SYS_writev,
+    // Connections that end.
     libc::SYS_close,
-    libc::SYS_shutdown,
 ];
 
 /// The API thread's policy (kind `api`, the name Firecracker's filter files use).

@@ -70,21 +70,20 @@ pub fn vcpu_policy() -> Policy {
         }])
 }
 
-/// The VMM thread's own calls, before the device kinds are added (see [`vmm_policy`]).
-fn vmm_own_policy() -> Policy {
+/// The VMM thread's own calls, before what starting threads and the device kinds add (see
+/// [`vmm_policy`]).
+pub fn vmm_own_policy() -> Policy {
     Policy::new("vmm")
         .allow(sc::THREAD_BASE)
         .allow(COMMON)
         .allow(&[
-            // The event loop and its timers (the run's time limit, the metrics period).
+            // The event loop.
             libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
             libc::SYS_epoll_ctl,
+            // A device thread's epoll set, made when the device starts.
             libc::SYS_epoll_create1,
+            // The timers of a device's rate limiters, and of a new limiter (PATCH).
             libc::SYS_timerfd_create,
-            libc::SYS_timerfd_settime,
-            libc::SYS_timerfd_gettime,
-            libc::SYS_writev,
             // Starting a device: its eventfds, its descriptors handed to its thread, an
             // io_uring for a disk.
             libc::SYS_eventfd2,
@@ -94,35 +93,30 @@ fn vmm_own_policy() -> Policy {
             libc::SYS_getpid,
             libc::SYS_gettid,
             libc::SYS_tgkill,
-            libc::SYS_nanosleep,
             libc::SYS_clock_nanosleep,
-            // A drive's new backing file (PATCH /drives): opening it and its overlay.
+            // A drive's new backing file (PATCH /drives): opening it, its size, its overlay
+            // (an anonymous file, sized), an unnamed one's name removed.
             libc::SYS_openat,
-            libc::SYS_newfstatat,
-            libc::SYS_fstat,
             libc::SYS_statx,
             libc::SYS_lseek,
-            libc::SYS_flock,
-            libc::SYS_fallocate,
             libc::SYS_ftruncate,
+            // That, and the vsock and API sockets removed at the end.
             libc::SYS_unlink,
-            libc::SYS_unlinkat,
-            libc::SYS_getrandom,
-            // Stopping passt with the machine.
-            libc::SYS_kill,
+            // Reaping passt with the machine.
             libc::SYS_wait4,
-            // Leaving: the process exit.
-            libc::SYS_exit_group,
         ])
         .allow_args(&[
             ArgRule {
                 nr: libc::SYS_fcntl,
                 arg: 1,
-                values: &[
-                    (libc::F_DUPFD_CLOEXEC as u64, "F_DUPFD_CLOEXEC"),
-                    (libc::F_GETFL as u64, "F_GETFL"),
-                    (libc::F_SETFL as u64, "F_SETFL"),
-                ],
+                // Descriptors duplicated for a device's thread.
+                values: &[(libc::F_DUPFD_CLOEXEC as u64, "F_DUPFD_CLOEXEC")],
+            },
+            // Stopping passt with the machine: SIGKILL, the one signal it is sent.
+            ArgRule {
+                nr: libc::SYS_kill,
+                arg: 1,
+                values: &[(libc::SIGKILL as u64, "SIGKILL")],
             },
             ArgRule {
                 nr: libc::SYS_ioctl,

@@ -263,7 +263,7 @@ impl Policy {
 
 /// What every thread of cgvm needs whatever it does: the allocator (glibc's malloc grows a
 /// thread's own arena with mprotect), futexes (locks, channels, joins), the clock (usually the
-/// vDSO), signal delivery and ending the thread.
+/// vDSO), signal delivery and ending the thread or the process.
 pub const THREAD_BASE: &[i64] = &[
     libc::SYS_futex,
     libc::SYS_sched_yield,
@@ -279,6 +279,9 @@ pub const THREAD_BASE: &[i64] = &[
     libc::SYS_sigaltstack,
     libc::SYS_restart_syscall,
     libc::SYS_exit,
+    // glibc ends the process from the last thread to exit (a thread that outlives the main
+    // thread's exit, such as passt's log thread at the very end, does).
+    libc::SYS_exit_group,
 ];
 
 /// What every device thread adds to [`THREAD_BASE`]: waiting on its fds, reading and writing
@@ -287,7 +290,6 @@ pub const DEVICE_THREAD_BASE: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
     // Also what closes what a runtime change retires on the device thread: a swapped-out
     // image and its overlay, its ring and the ring's eventfd, a replaced limiter's timerfd.
@@ -305,6 +307,8 @@ pub struct DeviceKind {
     pub name: &'static str,
     /// The calls this kind makes beyond the base list.
     pub calls: &'static [i64],
+    /// The calls it makes with some argument values only.
+    pub args: &'static [ArgRule],
 }
 
 impl DeviceKind {
@@ -314,6 +318,7 @@ impl DeviceKind {
             .allow(THREAD_BASE)
             .allow(DEVICE_THREAD_BASE)
             .allow(self.calls)
+            .allow_args(self.args)
     }
 }
 

@@ -257,6 +257,7 @@ mod tests {
     static TEST_KIND: seccomp::DeviceKind = seccomp::DeviceKind {
         name: "test-device",
         calls: &[],
+        args: &[],
     };
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};

@@ -65,6 +65,7 @@ const COMMAND_TOKEN: u32 = 6;
 pub(crate) static TAP_KIND: DeviceKind = DeviceKind {
     name: "virtio-net-tap",
     calls: &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime],
+    args: &[],
 };
 
 /// The device thread over passt's stream socket: its recv and sendmsg, and the limiters'
@@ -77,6 +78,7 @@ pub(crate) static PASST_KIND: DeviceKind = DeviceKind {
         libc::SYS_recvfrom,
         libc::SYS_sendmsg,
     ],
+    args: &[],
 };
 
 /// What one read from the backend gave.

@@ -165,6 +165,7 @@ pub(crate) static KIND: DeviceKind = DeviceKind {
         libc::SYS_timerfd_settime,
         libc::SYS_timerfd_gettime,
     ],
+    args: &[],
 };
 
 impl DeviceWorker for RngWorker {

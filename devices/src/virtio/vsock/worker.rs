@@ -152,19 +152,24 @@ impl VsockWorker {
     }
 }
 
-/// The vsock device thread: the host side's Unix sockets (accepting, connecting, streaming,
-/// shutting down) and the muxer's timer for handshakes and unanswered connection requests.
+/// The vsock device thread: the host side's Unix sockets (creating, accepting, connecting,
+/// streaming, shutting down) and the muxer's timer for handshakes and unanswered connection requests.
 pub(crate) static KIND: DeviceKind = DeviceKind {
     name: "virtio-vsock",
     calls: &[
         libc::SYS_accept4,
-        libc::SYS_socket,
         libc::SYS_connect,
         libc::SYS_sendto,
         libc::SYS_recvfrom,
         libc::SYS_shutdown,
         libc::SYS_timerfd_settime,
     ],
+    // Connecting to the host's listeners: Unix sockets only.
+    args: &[crate::seccomp::ArgRule {
+        nr: libc::SYS_socket,
+        arg: 0,
+        values: &[(libc::AF_UNIX as u64, "AF_UNIX")],
+    }],
 };
 
 impl DeviceWorker for VsockWorker {

@@ -63,12 +63,14 @@ pub(crate) fn seccomp_kind(engine: Engine) -> &'static DeviceKind {
 pub(crate) static SYNC_KIND: DeviceKind = DeviceKind {
     name: "virtio-blk-sync",
     calls: sync::SYSCALLS,
+    args: &[],
 };
 
 /// The device thread of a disk on io_uring.
 pub(crate) static URING_KIND: DeviceKind = DeviceKind {
     name: "virtio-blk-uring",
     calls: uring::SYSCALLS,
+    args: &[],
 };
 
 /// The engine of one disk, with its state.
