@@ -78,6 +78,13 @@ fn the_report_prints_every_kind_with_exactly_its_calls() {
     assert!(row("vcpu").ends_with("27"), "{}", row("vcpu"));
     assert!(row("api").ends_with("31"), "{}", row("api"));
     assert!(row("vmm").ends_with("about 50"), "{}", row("vmm"));
+    // README.md's table gives the same counts.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    for p in &policies {
+        let row = format!("| `{}` | {} |", p.kind, p.syscall_count());
+        assert!(readme.contains(&row), "README.md lacks {row:?}");
+    }
     // A device kind's calls are in the VMM's list: device threads run under both filters.
     let vmm = vmm::seccomp::vmm_policy();
     assert!(vmm.allows(libc::SYS_io_uring_enter) && vmm.allows(libc::SYS_getrandom));
