@@ -382,6 +382,8 @@ fn rewrite_args(b: &mut Builder, args: &[OsString]) -> Result<Vec<String>, Strin
         };
         let kind: Option<ArgRewriter> = match (mode, flag.as_str()) {
             ("run", "--kernel" | "--initrd") => Some(|b, v| b.place(v, Kind::Input)),
+            // Read at start, inside the jail.
+            (_, "--seccomp-filter") => Some(|b, v| b.place(v, Kind::Input)),
             ("run", "--disk") => Some(|b, v| {
                 let (path, opts) = match v.split_once(',') {
                     Some((p, o)) => (p, Some(o)),
@@ -1069,6 +1071,7 @@ mod tests {
         fs::create_dir_all(&root).expect("mkdir");
         fs::write(d.join("vmlinux"), b"k").expect("write");
         fs::write(d.join("disk.img"), b"d").expect("write");
+        fs::write(d.join("filters.json"), b"{}").expect("write");
         let mut b = builder(&root);
         b.names.insert("cgvm".into());
         let args: Vec<OsString> = [
@@ -1080,6 +1083,8 @@ mod tests {
             "file:/somewhere/console.log",
             "--vsock",
             "3,uds=/x/v.sock",
+            "--seccomp-filter",
+            d.join("filters.json").to_str().expect("utf-8"),
             "--memory",
             "64",
         ]
@@ -1099,11 +1104,14 @@ mod tests {
                 "file:/console.log",
                 "--vsock",
                 "3,uds=/run/v.sock",
+                "--seccomp-filter",
+                "/filters.json",
                 "--memory",
                 "64"
             ]
         );
         assert_eq!(fs::read(root.join("vmlinux")).expect("linked"), b"k");
+        assert_eq!(fs::read(root.join("filters.json")).expect("linked"), b"{}");
         assert!(root.join("console.log").exists());
         assert!(
             b.report

@@ -181,6 +181,9 @@ fn jailed_probe_runs_as_the_given_user_inside_its_chroot_and_cgroup() {
     assert_eq!(status_field(pid, "Uid:"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(pid, "Gid:"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(pid, "Groups:"), "65534");
+    // Its main thread runs under the vmm filter, as outside a jail.
+    assert_eq!(status_field(pid, "Seccomp:"), "2");
+    assert_eq!(status_field(pid, "Seccomp_filters:"), "1");
     let seen = std::fs::metadata(format!("/proc/{pid}/root/.")).expect("its root");
     let jail = std::fs::metadata(&root).expect("the jail root");
     assert_eq!(
@@ -269,6 +272,13 @@ fn jailed_probe_boot_exits_zero_in_a_new_pid_namespace() {
     assert!(is_root(), "the jail tests run as root");
     let dir = scratch("jail-boot");
     let id = format!("boot-{}", std::process::id());
+    // A Firecracker filter file (cgvm's own lists) goes into the jail with the kernel.
+    let filters = dir.join("filters.json");
+    let mut report = cgvm();
+    report.args(["seccomp-report", "--firecracker-json"]);
+    let r = run_with_limit(report, Duration::from_secs(10));
+    assert_eq!(r.status, Some(0), "{}", r.both());
+    std::fs::write(&filters, &r.stdout).expect("write the filter file");
     let cmd = jail_cmd(
         &dir,
         &id,
@@ -282,6 +292,8 @@ fn jailed_probe_boot_exits_zero_in_a_new_pid_namespace() {
             "64",
             "--timeout",
             "30",
+            "--seccomp-filter",
+            filters.to_str().expect("utf-8"),
         ],
     );
     let r = run_with_limit(cmd, Duration::from_secs(60));
@@ -294,6 +306,7 @@ fn jailed_probe_boot_exits_zero_in_a_new_pid_namespace() {
     );
     assert!(r.stdout.contains("cgvm jail: pid "), "{}", r.both());
     assert!(dir.join(&id).join("root/proc").is_dir());
+    assert!(dir.join(&id).join("root/filters.json").is_file());
     clean_up(&id, &dir);
 }
 
