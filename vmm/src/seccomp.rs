@@ -45,36 +45,32 @@ pub const TUNSETOFFLOAD: u64 = ioc(IOC_WRITE, b'T' as u64, 208, 4);
 /// `FICLONE` (`_IOW(0x94, 9, int)`).
 pub const FICLONE: u64 = ioc(IOC_WRITE, 0x94, 9, 4);
 
-/// What every kind here makes besides [`sc::THREAD_BASE`]: eventfd and file reads and writes
+/// What every kind here makes besides what [`Policy::new`] gives every thread: eventfd and file reads and writes
 /// (the serial console, the log) and closing descriptors.
 const COMMON: &[i64] = &[libc::SYS_read, libc::SYS_write, libc::SYS_close];
 
 /// The vCPU threads' policy.
 pub fn vcpu_policy() -> Policy {
-    Policy::new("vcpu")
-        .allow(sc::THREAD_BASE)
-        .allow(COMMON)
-        .allow_args(&[ArgRule {
-            nr: libc::SYS_ioctl,
-            arg: 1,
-            values: &[
-                (KVM_RUN, "KVM_RUN"),
-                // The fault report of a vCPU that stops.
-                (KVM_GET_REGS, "KVM_GET_REGS"),
-                (KVM_GET_SREGS, "KVM_GET_SREGS"),
-                // The guest moves a virtio-pci BAR (the notify ioeventfds follow it) or programs
-                // an MSI-X vector (its GSI route changes).
-                (KVM_IOEVENTFD, "KVM_IOEVENTFD"),
-                (KVM_SET_GSI_ROUTING, "KVM_SET_GSI_ROUTING"),
-            ],
-        }])
+    Policy::new("vcpu").allow(COMMON).allow_args(&[ArgRule {
+        nr: libc::SYS_ioctl,
+        arg: 1,
+        values: &[
+            (KVM_RUN, "KVM_RUN"),
+            // The fault report of a vCPU that stops.
+            (KVM_GET_REGS, "KVM_GET_REGS"),
+            (KVM_GET_SREGS, "KVM_GET_SREGS"),
+            // The guest moves a virtio-pci BAR (the notify ioeventfds follow it) or programs
+            // an MSI-X vector (its GSI route changes).
+            (KVM_IOEVENTFD, "KVM_IOEVENTFD"),
+            (KVM_SET_GSI_ROUTING, "KVM_SET_GSI_ROUTING"),
+        ],
+    }])
 }
 
 /// The VMM thread's own calls, before what starting threads and the device kinds add (see
 /// [`vmm_policy`]).
 pub fn vmm_own_policy() -> Policy {
     Policy::new("vmm")
-        .allow(sc::THREAD_BASE)
         .allow(COMMON)
         .allow(&[
             // The event loop.
@@ -148,9 +144,7 @@ pub fn vmm_policy() -> Policy {
 
 /// The thread that logs what passt writes on its stderr.
 pub fn passt_log_policy() -> Policy {
-    Policy::new("passt-log")
-        .allow(sc::THREAD_BASE)
-        .allow(COMMON)
+    Policy::new("passt-log").allow(COMMON)
 }
 
 #[cfg(test)]
@@ -176,6 +170,7 @@ mod tests {
         let vmm = vmm_policy();
         for kind in devices::virtio::device_kinds() {
             let base = sc::THREAD_BASE.iter().chain(sc::DEVICE_THREAD_BASE);
+            assert!(vmm.allows(libc::SYS_mmap) && vmm.allows(libc::SYS_mprotect));
             for &nr in kind.calls.iter().chain(base) {
                 assert!(vmm.allows(nr), "{} needs {nr}", kind.name);
             }

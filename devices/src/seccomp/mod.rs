@@ -2,8 +2,8 @@
 //! the code that makes them (a device's worker, the API server, the vCPU loop, the VMM loop)
 //! as a [`Policy`]: calls allowed whatever their arguments, and calls allowed only with some
 //! values of one argument (an ioctl's request number, an fcntl command). Every device thread
-//! may make the calls in [`THREAD_BASE`] (memory allocation, futexes, signals, thread exit,
-//! which every thread has) and [`DEVICE_THREAD_BASE`] (waiting, eventfds) and adds its kind's
+//! may make the calls in [`THREAD_BASE`] and [`THREAD_BASE_ARGS`] (memory allocation without
+//! PROT_EXEC, futexes, signals, thread exit, which every thread has) and [`DEVICE_THREAD_BASE`] (waiting, eventfds) and adds its kind's
 //! own ([`DeviceKind`]).
 //!
 //! A call outside the list kills the process. With [`set_log`] (`--seccomp-log`) the filter
@@ -132,14 +132,21 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// A policy for `kind` that allows only `fcntl(F_GETFD)` so far.
+    /// A policy for `kind` that allows what every thread needs ([`THREAD_BASE`],
+    /// [`THREAD_BASE_ARGS`]) so far.
     pub fn new(kind: &'static str) -> Self {
+        Self::empty(kind)
+            .allow(THREAD_BASE)
+            .allow_args(THREAD_BASE_ARGS)
+    }
+
+    /// A policy for `kind` that allows nothing yet.
+    pub fn empty(kind: &'static str) -> Self {
         Self {
             kind,
             calls: BTreeSet::new(),
             args: BTreeMap::new(),
         }
-        .allow_args(&[FCNTL_GETFD])
     }
 
     /// Allows `calls` whatever their arguments.
@@ -267,12 +274,10 @@ impl Policy {
 pub const THREAD_BASE: &[i64] = &[
     libc::SYS_futex,
     libc::SYS_sched_yield,
-    libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mremap,
     libc::SYS_madvise,
     libc::SYS_brk,
-    libc::SYS_mprotect,
     libc::SYS_clock_gettime,
     libc::SYS_rt_sigreturn,
     libc::SYS_rt_sigprocmask,
@@ -282,6 +287,33 @@ pub const THREAD_BASE: &[i64] = &[
     // glibc ends the process from the last thread to exit (a thread that outlives the main
     // thread's exit, such as passt's log thread at the very end, does).
     libc::SYS_exit_group,
+];
+
+/// The protections a confined thread may map or set: none (guard pages, a reserved arena) and
+/// read-write. Never executable: code that took over a thread cannot make memory it can run.
+const DATA_PROTECTIONS: &[(u64, &str)] = &[
+    (libc::PROT_NONE as u64, "PROT_NONE"),
+    (
+        (libc::PROT_READ | libc::PROT_WRITE) as u64,
+        "PROT_READ|PROT_WRITE",
+    ),
+];
+
+/// The calls of [`THREAD_BASE`] allowed with some arguments only: mmap and mprotect without
+/// PROT_EXEC (glibc's allocator, thread stacks, io_uring rings), and fcntl(F_GETFD) (std
+/// checks that a descriptor is open before closing it, in debug builds).
+pub const THREAD_BASE_ARGS: &[ArgRule] = &[
+    ArgRule {
+        nr: libc::SYS_mmap,
+        arg: 2,
+        values: DATA_PROTECTIONS,
+    },
+    ArgRule {
+        nr: libc::SYS_mprotect,
+        arg: 2,
+        values: DATA_PROTECTIONS,
+    },
+    FCNTL_GETFD,
 ];
 
 /// What every device thread adds to [`THREAD_BASE`]: waiting on its fds, reading and writing
@@ -315,34 +347,26 @@ impl DeviceKind {
     /// The kind's whole policy: the base list and its own calls.
     pub fn policy(&self) -> Policy {
         Policy::new(self.name)
-            .allow(THREAD_BASE)
             .allow(DEVICE_THREAD_BASE)
             .allow(self.calls)
             .allow_args(self.args)
     }
 }
 
-/// What starting a thread and confining it take, on the thread that starts it and on the new
-/// thread before its own filter is in place (so under the filter of the thread that started
-/// it): the new thread's stack and guard page, its signal stack, glibc's per-thread set-up,
-/// naming it, and installing its filter.
+/// What starting a thread and confining it take beyond [`THREAD_BASE`], on the thread that
+/// starts it and on the new thread before its own filter is in place (so under the filter of
+/// the thread that started it): the clone, glibc's per-thread set-up, naming the thread, and
+/// installing its filter. (The stack, its guard page and the signal stack are mapped with the
+/// base list's mmap and mprotect.)
 pub fn spawn_and_confine() -> Policy {
-    Policy::new("thread start")
+    Policy::empty("thread start")
         .allow(&[
             libc::SYS_clone,
             libc::SYS_clone3,
-            libc::SYS_mmap,
-            libc::SYS_mprotect,
-            libc::SYS_munmap,
-            libc::SYS_madvise,
-            libc::SYS_sigaltstack,
-            libc::SYS_rt_sigprocmask,
             libc::SYS_set_robust_list,
             libc::SYS_rseq,
             libc::SYS_sched_getaffinity,
             libc::SYS_gettid,
-            libc::SYS_futex,
-            libc::SYS_exit,
         ])
         .allow_args(&[
             ArgRule {
@@ -544,9 +568,7 @@ mod tests {
     use super::*;
 
     fn base() -> Policy {
-        Policy::new("test")
-            .allow(THREAD_BASE)
-            .allow(DEVICE_THREAD_BASE)
+        Policy::new("test").allow(DEVICE_THREAD_BASE)
     }
 
     #[test]
@@ -554,7 +576,7 @@ mod tests {
         let p = base().allow(&[libc::SYS_getrandom, libc::SYS_read]);
         assert_eq!(
             p.syscall_count(),
-            THREAD_BASE.len() + DEVICE_THREAD_BASE.len() + 2,
+            THREAD_BASE.len() + THREAD_BASE_ARGS.len() + DEVICE_THREAD_BASE.len() + 1,
             "fcntl and getrandom"
         );
         assert!(p.compile().unwrap().len() > DEVICE_THREAD_BASE.len());
@@ -585,7 +607,9 @@ mod tests {
         );
         let r = q.allow(&[libc::SYS_ioctl]);
         assert!(r.describe().contains(&"ioctl".to_string()));
-        assert_eq!(r.syscall_count(), 2);
+        let base = THREAD_BASE.len() + THREAD_BASE_ARGS.len();
+        assert_eq!(r.syscall_count(), base + 1);
+        assert_eq!(Policy::empty("e").allow_args(&[A]).syscall_count(), 1);
     }
 
     #[test]
@@ -651,6 +675,62 @@ mod tests {
             under_filter(|| {
                 // SAFETY: getpid takes no arguments; the filter forbids it.
                 unsafe { libc::syscall(libc::SYS_getpid) };
+            }),
+            Some(libc::SIGSYS)
+        );
+    }
+
+    #[test]
+    fn memory_may_be_mapped_read_write_but_never_executable() {
+        assert_eq!(
+            under_filter(|| {
+                // SAFETY: a fresh anonymous read-write mapping, unmapped at once.
+                unsafe {
+                    let p = libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                    libc::mprotect(p, 4096, libc::PROT_NONE);
+                    libc::munmap(p, 4096);
+                }
+            }),
+            None
+        );
+        assert_eq!(
+            under_filter(|| {
+                // SAFETY: an anonymous mapping nobody uses; the filter stops the call.
+                unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        libc::PROT_READ | libc::PROT_EXEC,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+            }),
+            Some(libc::SIGSYS)
+        );
+        assert_eq!(
+            under_filter(|| {
+                // SAFETY: a fresh anonymous read-write mapping; making it executable is
+                // stopped by the filter.
+                unsafe {
+                    let p = libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                    libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC);
+                }
             }),
             Some(libc::SIGSYS)
         );

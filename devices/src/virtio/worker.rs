@@ -30,7 +30,8 @@ pub trait DeviceWorker: Send + 'static {
     /// The descriptors to wait on, each with the token `handle` gets back.
     fn sources(&self) -> Vec<(RawFd, u32)>;
     /// The seccomp kind of this thread: the calls it needs beyond those every device thread
-    /// has ([`seccomp::THREAD_BASE`], [`seccomp::DEVICE_THREAD_BASE`]).
+    /// has ([`seccomp::THREAD_BASE`], [`seccomp::THREAD_BASE_ARGS`],
+    /// [`seccomp::DEVICE_THREAD_BASE`]).
     fn seccomp(&self) -> &'static seccomp::DeviceKind;
     /// The descriptor of `token` is readable. `sources` changes what the thread waits on.
     /// An error ends the worker and marks the device as needing a reset.
