@@ -353,6 +353,18 @@ impl DeviceKind {
     }
 }
 
+/// The clone flags glibc's pthread_create passes: shared memory, files, fs and signal handlers,
+/// same thread group, System V semaphore undo list, TLS, and the parent's and child's tid.
+const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM
+    | libc::CLONE_SETTLS
+    | libc::CLONE_PARENT_SETTID
+    | libc::CLONE_CHILD_CLEARTID) as u64;
+
 /// What starting a thread and confining it take beyond [`THREAD_BASE`], on the thread that
 /// starts it and on the new thread before its own filter is in place (so under the filter of
 /// the thread that started it): the clone, glibc's per-thread set-up, naming the thread, and
@@ -361,7 +373,7 @@ impl DeviceKind {
 pub fn spawn_and_confine() -> Policy {
     Policy::empty("thread start")
         .allow(&[
-            libc::SYS_clone,
+            // Its flags are in a struct the filter cannot read.
             libc::SYS_clone3,
             libc::SYS_set_robust_list,
             libc::SYS_rseq,
@@ -369,6 +381,12 @@ pub fn spawn_and_confine() -> Policy {
             libc::SYS_gettid,
         ])
         .allow_args(&[
+            // glibc's fallback where clone3 is missing: a thread's flags exactly, not a fork.
+            ArgRule {
+                nr: libc::SYS_clone,
+                arg: 0,
+                values: &[(THREAD_CLONE_FLAGS, "thread flags")],
+            },
             ArgRule {
                 nr: libc::SYS_prctl,
                 arg: 0,
@@ -644,16 +662,21 @@ mod tests {
     /// Runs `call` in a forked child under the base filter; returns the signal that killed
     /// the child, or None when it exited normally.
     fn under_filter(call: fn()) -> Option<i32> {
+        under(&base(), call)
+    }
+
+    /// Runs `call` in a forked child under `policy` (compiled before the fork, so that the
+    /// child allocates nothing); the signal that killed the child, if one did.
+    fn under(policy: &Policy, call: fn()) -> Option<i32> {
+        let filter = policy.compile().expect("the filter compiles");
         // SAFETY: the child only applies a filter and makes raw syscalls before _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            if let Ok(f) = base().compile() {
-                if seccompiler::apply_filter(&f).is_ok() {
-                    call();
-                    // SAFETY: SYS_exit ends this (only) thread of the child; it is allowed.
-                    unsafe { libc::syscall(libc::SYS_exit, 0) };
-                }
+            if seccompiler::apply_filter(&filter).is_ok() {
+                call();
+                // SAFETY: SYS_exit ends this (only) thread of the child; it is allowed.
+                unsafe { libc::syscall(libc::SYS_exit, 0) };
             }
             // SAFETY: _exit ends the child without running the parent's destructors.
             unsafe { libc::_exit(3) };
@@ -731,6 +754,32 @@ mod tests {
                     );
                     libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC);
                 }
+            }),
+            Some(libc::SIGSYS)
+        );
+    }
+
+    #[test]
+    fn the_thread_start_list_clones_threads_but_not_processes() {
+        let spawner = base().merge(&spawn_and_confine());
+        assert_eq!(
+            under(&spawner, || {
+                // SAFETY: a fork-style clone; the filter stops it before a child exists.
+                unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+            }),
+            Some(libc::SIGSYS)
+        );
+        assert_eq!(
+            under(&spawner, || {
+                // SAFETY: PR_SET_NAME reads a NUL-terminated name from our stack.
+                unsafe { libc::prctl(libc::PR_SET_NAME, c"cgvm-test".as_ptr()) };
+            }),
+            None
+        );
+        assert_eq!(
+            under(&spawner, || {
+                // SAFETY: PR_SET_DUMPABLE takes an integer; the filter stops it.
+                unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1) };
             }),
             Some(libc::SIGSYS)
         );
