@@ -424,7 +424,7 @@ pub struct Prepared {
     kind: &'static str,
     program: BpfProgram,
     /// A call the policy forbids, for the test-only violation hook.
-    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+    #[cfg(feature = "test-hooks")]
     forbidden: i64,
 }
 
@@ -438,14 +438,14 @@ pub fn prepare(policy: &Policy) -> Result<Option<Prepared>, FilterError> {
         Some(p) => p.clone(),
         None => policy.compile()?,
     };
-    let forbidden = [libc::SYS_getppid, libc::SYS_uname, libc::SYS_acct]
-        .into_iter()
-        .find(|&nr| !policy.allows(nr))
-        .unwrap_or(libc::SYS_acct);
     Ok(Some(Prepared {
         kind: policy.kind,
         program,
-        forbidden,
+        #[cfg(feature = "test-hooks")]
+        forbidden: [libc::SYS_getppid, libc::SYS_uname, libc::SYS_acct]
+            .into_iter()
+            .find(|&nr| !policy.allows(nr))
+            .unwrap_or(libc::SYS_acct),
     }))
 }
 
@@ -703,20 +703,28 @@ mod tests {
         );
     }
 
+    /// A fresh anonymous read-write page.
+    fn map_rw() -> *mut libc::c_void {
+        // SAFETY: a new anonymous private mapping touches no existing memory.
+        unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        }
+    }
+
     #[test]
     fn memory_may_be_mapped_read_write_but_never_executable() {
         assert_eq!(
             under_filter(|| {
-                // SAFETY: a fresh anonymous read-write mapping, unmapped at once.
+                let p = map_rw();
+                // SAFETY: `p` is our own fresh page, unmapped at once.
                 unsafe {
-                    let p = libc::mmap(
-                        std::ptr::null_mut(),
-                        4096,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                        -1,
-                        0,
-                    );
                     libc::mprotect(p, 4096, libc::PROT_NONE);
                     libc::munmap(p, 4096);
                 }
@@ -741,19 +749,10 @@ mod tests {
         );
         assert_eq!(
             under_filter(|| {
-                // SAFETY: a fresh anonymous read-write mapping; making it executable is
-                // stopped by the filter.
-                unsafe {
-                    let p = libc::mmap(
-                        std::ptr::null_mut(),
-                        4096,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                        -1,
-                        0,
-                    );
-                    libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC);
-                }
+                let p = map_rw();
+                // SAFETY: `p` is our own fresh page; making it executable is stopped by the
+                // filter.
+                unsafe { libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC) };
             }),
             Some(libc::SIGSYS)
         );
