@@ -107,23 +107,12 @@ fn spawn_probe(
         }
         (None, _) => Command::new(bin),
     };
-    cmd.args([
-        "run",
-        "--kernel",
-        probe_elf().to_str().expect("utf-8"),
-        "--memory",
-        "64",
-        "--timeout",
-        "60",
-        "--console",
-        &format!("file:{}", console.display()),
-        "--cmdline",
-        cmdline,
-    ])
-    .args(net_args)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    cmd.args(probe_run_args(&console))
+        .args(["--cmdline", cmdline])
+        .args(net_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     (cmd.spawn().expect("spawn cgvm"), console)
 }
 

@@ -94,24 +94,13 @@ fn run_cgvm(ns: Option<&NetNs>, dir: &Path, kind: Option<&str>, args: &[String])
 
 /// `run --kernel PROBE --console file:DIR/console.txt --cmdline CMDLINE` with `extra`.
 fn run_args(dir: &Path, transport: &str, cmdline: &str, extra: &[String]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "run",
-        "--kernel",
-        probe_elf().to_str().expect("utf-8"),
-        "--memory",
-        "64",
-        "--timeout",
-        "60",
-        "--transport",
-        transport,
-        "--console",
-        &format!("file:{}", dir.join("console.txt").display()),
-        "--cmdline",
-        &format!("{cmdline} probe.transport={transport}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut v = probe_run_args(&dir.join("console.txt"));
+    v.extend([
+        "--transport".to_string(),
+        transport.to_string(),
+        "--cmdline".to_string(),
+        format!("{cmdline} probe.transport={transport}"),
+    ]);
     v.extend_from_slice(extra);
     v
 }

@@ -17,16 +17,8 @@ fn start(dir: &Path, cmdline: &str) -> (Child, std::path::PathBuf, std::path::Pa
     let uds = dir.join("v.sock");
     let console = dir.join("console.txt");
     let child = Command::new(env!("CARGO_BIN_EXE_cgvm"))
+        .args(probe_run_args(&console))
         .args([
-            "run",
-            "--kernel",
-            probe_elf().to_str().expect("utf-8"),
-            "--memory",
-            "64",
-            "--timeout",
-            "60",
-            "--console",
-            &format!("file:{}", console.display()),
             "--vsock",
             &format!("3,uds={}", uds.display()),
             "--cmdline",

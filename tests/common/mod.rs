@@ -51,6 +51,25 @@ pub fn probe_elf() -> &'static Path {
     })
 }
 
+/// `run --kernel PROBE --memory 64 --timeout 60 --console file:CONSOLE`: the start of the
+/// probe runs the device tests make; they add the devices and the command line.
+pub fn probe_run_args(console: &Path) -> Vec<String> {
+    [
+        "run",
+        "--kernel",
+        probe_elf().to_str().expect("utf-8"),
+        "--memory",
+        "64",
+        "--timeout",
+        "60",
+        "--console",
+        &format!("file:{}", console.display()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// A minimal ELF64 executable with one loadable segment at `paddr` holding `code`, entered
 /// at its first byte: a kernel as far as the Linux 64-bit boot protocol cares.
 pub fn tiny_elf(code: &[u8], paddr: u64) -> Vec<u8> {
